@@ -1,0 +1,167 @@
+"""The Encoder: a timm model plus its preprocessing, turning images into float32 embeddings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .errors import ImageLoadError
+from .images import ImageItem, open_image
+from .preprocess import build_transform
+
+log = logging.getLogger(__name__)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict (name, dtype, shape and bytes), in order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_id(fingerprint: dict[str, Any]) -> str:
+    """A short stable id of a fingerprint (used to name cache folders)."""
+    blob = json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class EmbeddingResult:
+    """Embeddings of the images that could be read; `kept[i]` is the input index of row i."""
+
+    embeddings: torch.Tensor
+    kept: list[int]
+    failed: list[tuple[int, str]]
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, items: Sequence[Any], transform: Any) -> None:
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
+        try:
+            return self.transform(open_image(self.items[index])), index, None
+        except ImageLoadError as exc:
+            return None, index, str(exc)
+
+
+def _collate(batch: list[tuple[torch.Tensor | None, int, str | None]]):
+    good = [(x, i) for x, i, _ in batch if x is not None]
+    errors = [(i, e) for x, i, e in batch if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], errors
+
+
+class Encoder:
+    """A frozen image encoder: `embed(images)` gives float32 `[N, D]` embeddings.
+
+    Build one with `encoders.create_encoder`. `fingerprint` names the model, its weights and the
+    preprocessing, so stored embeddings can be checked against the encoder that made them.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        name: str,
+        preprocessing: dict[str, Any],
+        device: str | torch.device = "cpu",
+        channels_last: bool = True,
+    ) -> None:
+        self.name = name
+        self.preprocessing = preprocessing
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.model = model.eval().to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.transform = build_transform(preprocessing)
+        self.fingerprint = {
+            "model": name,
+            "weights_sha256": weights_sha256(self.model),
+            "preprocessing": preprocessing,
+        }
+        self.fingerprint_id = fingerprint_id(self.fingerprint)
+        self._dim: int | None = None
+
+    @property
+    def dim(self) -> int:
+        """Embedding width D."""
+        if self._dim is None:
+            c, h, w = self.preprocessing["input_size"]
+            self._dim = int(self.forward(torch.zeros(1, c, h, w)).shape[1])
+        return self._dim
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features of a preprocessed batch, with gradients (for fine-tuning)."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        model = self.model
+        if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+            return model.forward_head(model.forward_features(batch), pre_logits=True)
+        return model(batch)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a preprocessed batch `[B, C, H, W]` as float32 on the CPU."""
+        with torch.inference_mode():
+            return self.features(batch).float().cpu()
+
+    def embed(
+        self,
+        images: Sequence[str | ImageItem | Image.Image],
+        batch_size: int = 64,
+        num_workers: int = 2,
+        progress: bool = True,
+        skip_bad: bool = False,
+        desc: str = "embedding",
+    ) -> EmbeddingResult:
+        """Embed image files (or PIL images) in batches through a DataLoader.
+
+        An unreadable image raises ImageLoadError naming the file, unless `skip_bad`, which logs a
+        warning and leaves it out (see `EmbeddingResult.kept`).
+        """
+        items = list(images)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        workers = num_workers if len(items) > batch_size else 0
+        loader = DataLoader(
+            _ImageDataset(items, self.transform),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        chunks: list[torch.Tensor] = []
+        kept: list[int] = []
+        failed: list[tuple[int, str]] = []
+        show = progress and sys.stderr.isatty()
+        with tqdm(total=len(items), desc=desc, unit="img", disable=not show) as bar:
+            for batch, indices, errors in loader:
+                for index, message in errors:
+                    if not skip_bad:
+                        raise ImageLoadError(message)
+                    log.warning("skipped: %s", message)
+                    failed.append((index, message))
+                if batch is not None:
+                    chunks.append(self.forward(batch))
+                    kept.extend(indices)
+                bar.update(len(indices) + len(errors))
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+        return EmbeddingResult(embeddings, kept, failed)

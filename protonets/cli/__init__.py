@@ -7,9 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import importlib
+
 from encoders.errors import UserInputError
 
-from . import classify
+#: Sub-command modules inside protonets.cli; each has `add_parser(subparsers)` and `run(args)`.
+COMMANDS = ["classify"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,20 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="protonets", description="Few-shot image classification with pretrained encoders."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _commands():
-        module.add_parser(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
-
-
-def _commands() -> list:
-    modules = [classify]
-    try:  # commands that need the evaluation package
-        from . import evaluate
-
-        modules.append(evaluate)
-    except ImportError:  # pragma: no cover - eval is part of the same distribution
-        pass
-    return modules
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+import socket
 from typing import Any
 
 import torch
@@ -22,6 +24,15 @@ def _check_model_name(name: str) -> None:
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
     raise UserInputError(f"unknown timm model '{name}'{hint}")
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick name lookup and TCP connect, so that no network fails in seconds, not minutes."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
@@ -68,8 +79,9 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong:
             parts.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})")
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise UserInputError(
-            f"checkpoint '{path}' does not fit model '{getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}': "
+            f"checkpoint '{path}' does not fit model '{arch}': "
             + "; ".join(parts)
             + ". Pass the --encoder the checkpoint was trained with."
         )
@@ -107,15 +119,25 @@ def create_encoder(
         model = timm.create_model(name, pretrained=False, **model_kwargs)
         load_bundled_weights(model, name)
     elif pretrained:
+        advice = (
+            "Without network access, pass a local weights file with --checkpoint PATH "
+            f"(checkpoint_path=...), use the offline default '{DEFAULT_ENCODER}', or set "
+            "HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache"
+        )
+        if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+            raise UserInputError(f"cannot reach the model hub to fetch '{name}'. {advice}")
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)  # no retry chatter; we explain the failure ourselves
         try:
             model = timm.create_model(name, pretrained=True, **model_kwargs)
         except Exception as exc:  # noqa: BLE001 - network, hub or cache failures all land here
             raise UserInputError(
                 f"could not fetch pretrained weights for '{name}' from the model hub "
-                f"({type(exc).__name__}). Without network access, pass a local weights file "
-                f"with --checkpoint PATH (checkpoint_path=...), or use the offline default "
-                f"'{DEFAULT_ENCODER}'"
+                f"({type(exc).__name__}). {advice}"
             ) from None
+        finally:
+            hub_log.setLevel(level)
     else:
         model = timm.create_model(name, pretrained=False, **model_kwargs)
     pre = preprocessing or preprocessing_from_timm(model)

@@ -1,8 +1,8 @@
 """protonets: metric-based few-shot image classification.
 
-    from protonets import FewShotClassifier
-    clf = FewShotClassifier().fit(support_paths, support_labels)
-    clf.predict(query_paths)
+from protonets import FewShotClassifier
+clf = FewShotClassifier().fit(support_paths, support_labels)
+clf.predict(query_paths)
 """
 
 from encoders import ImageLoadError, UserInputError, create_encoder

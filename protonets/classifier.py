@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.exceptions import DataConversionWarning
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted
 
 from encoders import (
     DEFAULT_ENCODER,
     EmbeddingResult,
     Encoder,
     FingerprintMismatchError,
+    ImageItem,
     UserInputError,
     create_encoder,
 )
@@ -29,23 +34,20 @@ KIND = "protonets.FewShotClassifier"
 
 
 def _is_embedding_array(X: Any) -> bool:
-    if isinstance(X, torch.Tensor):
-        return True
-    if isinstance(X, np.ndarray) and X.dtype.kind in "fiub":
-        return True
-    if isinstance(X, (list, tuple)) and X and isinstance(X[0], (list, tuple, np.ndarray)):
-        return np.asarray(X).dtype.kind in "fiub"
-    return False
+    """True unless X is a sequence of images (paths, ImageItems or PIL images)."""
+    if isinstance(X, (str, os.PathLike)):
+        raise UserInputError(f"expected a list of images, got the single path {X!r}; wrap it in a list")
+    if isinstance(X, (list, tuple)) or (isinstance(X, np.ndarray) and X.dtype.kind in "OUS"):
+        first = X[0] if len(X) else None
+        return not isinstance(first, (str, os.PathLike, ImageItem, Image.Image))
+    return True
 
 
 def _as_embeddings(X: Any) -> torch.Tensor:
-    x = X.detach().cpu() if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
-    if x.dim() != 2:
-        raise ValueError(f"embeddings must be a 2-D array [N, D], got shape {tuple(x.shape)}")
-    x = x.to(torch.float32)
-    if not torch.isfinite(x).all():
-        raise ValueError("embeddings contain NaN or infinity")
-    return x
+    """Checked float64 embeddings [N, D] (float64 keeps predictions independent of batch size)."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    return torch.from_numpy(np.array(check_array(X, dtype=np.float64, input_name="X")))
 
 
 class FewShotClassifier(ClassifierMixin, BaseEstimator):
@@ -102,9 +104,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         if isinstance(self.encoder, Encoder):
             return self.encoder
         if getattr(self, "_encoder", None) is None:
-            self._encoder = create_encoder(
-                self.encoder, checkpoint_path=self.checkpoint, device=self.device
-            )
+            self._encoder = create_encoder(self.encoder, checkpoint_path=self.checkpoint, device=self.device)
         return self._encoder
 
     def embed(self, images: Sequence[Any], desc: str = "embedding") -> EmbeddingResult:
@@ -139,7 +139,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
                     f"{len(result.failed)} query image(s) could not be read; embed them with "
                     "embed() to see which, or remove them"
                 )
-            x = result.embeddings
+            x = result.embeddings.double()
         if x.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"X has {x.shape[1]} features, but FewShotClassifier is expecting "
@@ -150,9 +150,19 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     # -- scikit-learn API ------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> FewShotClassifier:
         """Take the support set: images or embeddings `X` with labels `y`. Returns self."""
+        if y is None:
+            raise ValueError("requires y to be passed, but the target y is None")
         y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            warnings.warn(
+                "A column-vector y was passed when a 1d array was expected; it was flattened",
+                DataConversionWarning,
+                stacklevel=2,
+            )
+            y = y.ravel()
         if y.ndim != 1:
             raise ValueError(f"y must be 1-D labels, got shape {y.shape}")
+        check_classification_targets(y)
         if _is_embedding_array(X):
             x = _as_embeddings(X)
             fingerprint = None
@@ -161,15 +171,13 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
             if len(items) != len(y):
                 raise ValueError(f"got {len(items)} images but {len(y)} labels")
             result = self.embed(items, desc="support")
-            x, y = result.embeddings, y[result.kept]
+            x, y = result.embeddings.double(), y[result.kept]
             fingerprint = self.get_encoder().fingerprint
         if x.shape[0] != len(y):
             raise ValueError(f"got {x.shape[0]} embeddings but {len(y)} labels")
         classes, y_index = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(
-                f"the support set needs at least 2 classes, got {len(classes)}: {classes.tolist()}"
-            )
+            raise ValueError(f"the support set needs at least 2 classes, got 1 class: {classes.tolist()}")
         self.classes_ = classes
         self.n_features_in_ = int(x.shape[1])
         self.encoder_fingerprint_ = fingerprint
@@ -179,16 +187,20 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.head_ = create_head(self.head, **head_kwargs).fit(x, torch.from_numpy(y_index))
         return self
 
-    def decision_function(self, X: Any) -> np.ndarray:
-        """Logits `[Q, C]` (columns follow `classes_`)."""
+    def logits(self, X: Any) -> np.ndarray:
+        """Head logits `[Q, C]` (columns follow `classes_`)."""
         check_is_fitted(self, "head_")
         with torch.inference_mode():
-            return self.head_(self._query_embeddings(X)).numpy()
+            return self.head_(self._query_embeddings(X)).double().numpy()
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Logits `[Q, C]`; for two classes, scikit-learn's `[Q]` score of `classes_[1]`."""
+        logits = self.logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Softmax class probabilities `[Q, C]` (columns follow `classes_`)."""
-        logits = torch.from_numpy(self.decision_function(X))
-        return torch.softmax(logits.double(), dim=1).numpy()
+        return torch.softmax(torch.from_numpy(self.logits(X)), dim=1).numpy()
 
     def predict(self, X: Any) -> np.ndarray:
         """Most probable class per query; `unknown_label` below `threshold` when one is set."""

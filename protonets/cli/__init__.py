@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
-
-import importlib
 
 from encoders.errors import UserInputError
 
@@ -25,15 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging(quiet: bool) -> None:
+    """Warnings from our packages go to stderr as 'protonets: warning: ...' lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("protonets: warning: %(message)s"))
+    for name in ("encoders", "protonets", "eval"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status (2 on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
-        format="protonets: warning: %(message)s",
-        stream=sys.stderr,
-    )
+    _setup_logging(quiet=getattr(args, "quiet", False))
     try:
         return int(args.run(args) or 0)
     except UserInputError as exc:

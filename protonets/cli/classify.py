@@ -8,23 +8,33 @@ import json
 import sys
 
 from ..classifier import FewShotClassifier
-from .common import add_encoder_options, probability, positive_int, query_paths, resolve_device, support_folder
+from .common import (
+    add_encoder_options,
+    positive_int,
+    probability,
+    query_paths,
+    resolve_device,
+    support_folder,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "classify",
         help="classify query images against a support folder (one sub-folder per class)",
-        description="Classify query images against a support folder with one sub-folder of "
-        "images per class.",
+        description="Classify query images against a support folder with one sub-folder of images per class.",
     )
     p.add_argument("support", metavar="SUPPORT_DIR", help="folder with one sub-folder of images per class")
     p.add_argument("queries", metavar="QUERY", nargs="+", help="image files or folders of images")
     p.add_argument("--head", default="prototype", help="classification head (default: %(default)s)")
     p.add_argument("--metric", choices=["euclidean", "cosine"], default="cosine")
-    p.add_argument("--feature-transform", choices=["cl2n", "l2n"], default=None, help="SimpleShot feature transform")
+    p.add_argument(
+        "--feature-transform", choices=["cl2n", "l2n"], default=None, help="SimpleShot feature transform"
+    )
     p.add_argument("--top-k", type=positive_int, default=3, help="classes listed per query")
-    p.add_argument("--threshold", type=probability, default=None, help="answer 'unknown' below this top probability")
+    p.add_argument(
+        "--threshold", type=probability, default=None, help="answer 'unknown' below this top probability"
+    )
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
     add_encoder_options(p)
@@ -75,8 +85,14 @@ def write_rows(rows: list[dict], fmt: str, out) -> None:  # noqa: ANN001
         writer = csv.writer(out)
         writer.writerow(["query", "label", "probability", "top_k"])
         for r in rows:
-            writer.writerow([r["query"], r["label"], f"{r['probability']:.4f}",
-                             ";".join(f"{c}:{p:.4f}" for c, p in r["top_k"])])
+            writer.writerow(
+                [
+                    r["query"],
+                    r["label"],
+                    f"{r['probability']:.4f}",
+                    ";".join(f"{c}:{p:.4f}" for c, p in r["top_k"]),
+                ]
+            )
     else:
         width = max([len("query")] + [len(r["query"]) for r in rows])
         lwidth = max([len("label")] + [len(r["label"]) for r in rows])

@@ -14,8 +14,12 @@ from encoders.errors import UserInputError
 def add_encoder_options(parser: argparse.ArgumentParser) -> None:
     """--encoder, --checkpoint, --device, --batch-size, --workers, --quiet."""
     group = parser.add_argument_group("encoder")
-    group.add_argument("--encoder", default=DEFAULT_ENCODER, help="timm model name (default: %(default)s, offline)")
-    group.add_argument("--checkpoint", default=None, help="local weights for --encoder (safetensors or state dict)")
+    group.add_argument(
+        "--encoder", default=DEFAULT_ENCODER, help="timm model name (default: %(default)s, offline)"
+    )
+    group.add_argument(
+        "--checkpoint", default=None, help="local weights for --encoder (safetensors or state dict)"
+    )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     group.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     group.add_argument("--workers", type=non_negative_int, default=2, help="image decoding processes")

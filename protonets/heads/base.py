@@ -36,9 +36,7 @@ def check_support(support: torch.Tensor, labels: torch.Tensor) -> None:
     if support.dim() != 2:
         raise ValueError(f"support embeddings must be [S, D], got shape {tuple(support.shape)}")
     if labels.dim() != 1 or labels.shape[0] != support.shape[0]:
-        raise ValueError(
-            f"labels must be [S] = [{support.shape[0]}], got shape {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must be [S] = [{support.shape[0]}], got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if support.shape[0] and labels.min() < 0:

@@ -13,9 +13,7 @@ METRICS = ("euclidean", "cosine")
 FEATURE_TRANSFORMS = (None, "cl2n", "l2n")
 
 
-def transform_features(
-    x: torch.Tensor, kind: str | None, center: torch.Tensor | None = None
-) -> torch.Tensor:
+def transform_features(x: torch.Tensor, kind: str | None, center: torch.Tensor | None = None) -> torch.Tensor:
     """SimpleShot feature transforms: None, 'l2n' (L2-normalise) or 'cl2n' (centre, then L2)."""
     if kind is None:
         return x
@@ -76,7 +74,7 @@ class PrototypeHead(Head):
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> PrototypeHead:
         check_support(support, labels)
-        support = support.float()
+        support = support if support.is_floating_point() else support.float()
         self.center = support.mean(0)
         x = transform_features(support, self.feature_transform, self.center)
         self.prototypes = compute_prototypes(x, labels, int(labels.max()) + 1)
@@ -87,10 +85,9 @@ class PrototypeHead(Head):
             raise RuntimeError("PrototypeHead is not fitted: call fit(support, labels) first")
         if query.shape[-1] != self.prototypes.shape[-1]:
             raise ValueError(
-                f"query embeddings have {query.shape[-1]} dims, prototypes have "
-                f"{self.prototypes.shape[-1]}"
+                f"query embeddings have {query.shape[-1]} dims, prototypes have {self.prototypes.shape[-1]}"
             )
-        q = transform_features(query.float(), self.feature_transform, self.center)
+        q = transform_features(query.to(self.prototypes.dtype), self.feature_transform, self.center)
         return prototype_logits(q, self.prototypes, self.metric, self.scale)
 
     def episode_logits(

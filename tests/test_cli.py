@@ -1,0 +1,139 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protonets.cli import main
+from tests.conftest import EXAMPLES
+
+
+@pytest.fixture
+def support(tmp_path):
+    """A copy of the examples' support set (3 classes) that tests may damage."""
+    root = tmp_path / "support"
+    for name in ("brontosaurus", "lotus", "menorah"):
+        shutil.copytree(EXAMPLES / "support" / name, root / name)
+    return root
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_classify_json_on_examples(capsys):
+    code, out, err = _run(
+        capsys,
+        "classify",
+        EXAMPLES / "support",
+        EXAMPLES / "queries",
+        "--format",
+        "json",
+        "--top-k",
+        "2",
+        "--quiet",
+        "--workers",
+        "0",
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert len(rows) == 10
+    assert set(rows[0]) == {"query", "label", "probability", "top_k"}
+    assert len(rows[0]["top_k"]) == 2 and rows[0]["top_k"][0][0] == rows[0]["label"]
+    right = sum(r["label"] == r["query"].split("/")[-1].rsplit("_image", 1)[0] for r in rows)
+    assert right >= 9
+
+
+def test_classify_table_and_csv(capsys, support):
+    query = EXAMPLES / "queries" / "lotus_image_0006.jpg"
+    code, out, _ = _run(capsys, "classify", support, query, "--quiet", "--workers", "0")
+    assert code == 0 and "lotus" in out.splitlines()[2]
+    code, out, _ = _run(capsys, "classify", support, query, "--format", "csv", "--quiet")
+    assert code == 0 and out.splitlines()[0] == "query,label,probability,top_k"
+
+
+def _one_line_error(code, err, fragment):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("protonets: error")]
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [b"", b"plain text, not a jpeg", None])
+def test_bad_support_image_exits_2_naming_the_file(capsys, support, content):
+    bad = support / "lotus" / "broken.jpg"
+    if content is None:  # truncated real JPEG
+        data = (support / "lotus" / "image_0001.jpg").read_bytes()
+        content = data[: len(data) // 3]
+    bad.write_bytes(content)
+    code, _, err = _run(capsys, "classify", support, EXAMPLES / "queries", "--quiet", "--workers", "0")
+    _one_line_error(code, err, "broken.jpg")
+
+
+def test_skip_bad_warns_and_goes_on(capsys, support, tmp_path):
+    (support / "lotus" / "broken.jpg").write_bytes(b"")
+    queries = tmp_path / "q"
+    queries.mkdir()
+    shutil.copy(EXAMPLES / "queries" / "lotus_image_0006.jpg", queries)
+    (queries / "bad.png").write_text("nope")
+    code, out, err = _run(
+        capsys, "classify", support, queries, "--skip-bad", "--format", "json", "--workers", "0"
+    )
+    assert code == 0
+    assert "broken.jpg" in err and "bad.png" in err and "warning" in err
+    rows = json.loads(out)
+    assert [r["label"] for r in rows] == ["lotus"]
+
+
+def test_bad_folders_and_paths(capsys, support, tmp_path):
+    (support / "empty_class").mkdir()
+    code, _, err = _run(capsys, "classify", support, EXAMPLES / "queries", "--quiet")
+    _one_line_error(code, err, "empty_class")
+    (support / "empty_class").rmdir()
+
+    one = tmp_path / "one"
+    shutil.copytree(support / "lotus", one / "lotus")
+    code, _, err = _run(capsys, "classify", one, EXAMPLES / "queries", "--quiet")
+    _one_line_error(code, err, "at least 2 class")
+
+    code, _, err = _run(capsys, "classify", support, tmp_path / "missing.jpg", "--quiet")
+    _one_line_error(code, err, "missing.jpg")
+
+    code, _, err = _run(capsys, "classify", tmp_path / "nowhere", EXAMPLES / "queries", "--quiet")
+    _one_line_error(code, err, "nowhere")
+
+
+def test_unknown_model_and_unfit_checkpoint(capsys, support, tmp_path):
+    code, _, err = _run(capsys, "classify", support, EXAMPLES / "queries", "--encoder", "resnet1800")
+    _one_line_error(code, err, "did you mean")
+    ckpt = tmp_path / "w.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(3, 3)}, ckpt)
+    code, _, err = _run(capsys, "classify", support, EXAMPLES / "queries", "--checkpoint", ckpt)
+    _one_line_error(code, err, "does not fit")
+
+
+def test_hub_model_without_network(capsys, support, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    code, _, err = _run(capsys, "classify", support, EXAMPLES / "queries", "--encoder", "resnet18")
+    _one_line_error(code, err, "--checkpoint")
+
+
+def test_console_script_exit_status_and_no_traceback(tmp_path):
+    """The installed command itself (a subprocess) exits 2 with one line on bad input."""
+    script = Path(sys.executable).with_name("protonets")
+    exe = [str(script)] if script.exists() else [sys.executable, "-m", "protonets"]
+    proc = subprocess.run(
+        [*exe, "classify", str(tmp_path / "nowhere"), str(EXAMPLES / "queries")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "nowhere" in proc.stderr

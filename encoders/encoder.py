@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +12,10 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .errors import ImageLoadError
 from .images import ImageItem, open_image
+from .progress import progress_bar
 from .preprocess import build_transform
 
 log = logging.getLogger(__name__)
@@ -151,8 +150,7 @@ class Encoder:
         chunks: list[torch.Tensor] = []
         kept: list[int] = []
         failed: list[tuple[int, str]] = []
-        show = progress and sys.stderr.isatty()
-        with tqdm(total=len(items), desc=desc, unit="img", disable=not show) as bar:
+        with progress_bar(total=len(items), enabled=progress, desc=desc, unit="img") as bar:
             for batch, indices, errors in loader:
                 for index, message in errors:
                     if not skip_bad:

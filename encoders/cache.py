@@ -1,0 +1,135 @@
+"""On-disk embedding cache: each image is embedded once per encoder fingerprint.
+
+Layout: `ROOT/<fingerprint id>/` is a bundle (see `atomic.py`): `embeddings-<sha>.npy` (float32
+`[rows, D]`, memory-mapped on read) and `manifest.json` with the fingerprint and, per image key,
+its row, file size and mtime. A changed file (size or mtime) is embedded again; a damaged
+cache (checksum mismatch, unreadable manifest) is reported, removed and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import load_bundle, save_bundle
+from .encoder import Encoder
+from .errors import UserInputError
+from .images import ImageItem, as_item
+
+log = logging.getLogger(__name__)
+
+KIND = "protonets.EmbeddingCache"
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """$PROTONETS_CACHE, else $XDG_CACHE_HOME/protonets/embeddings, else ~/.cache/protonets/embeddings."""
+    if os.environ.get("PROTONETS_CACHE"):
+        return Path(os.environ["PROTONETS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "protonets" / "embeddings"
+
+
+def _stat_key(item: ImageItem) -> tuple[str, list[int]]:
+    path = os.path.abspath(item.path)
+    st = os.stat(path)
+    key = path if item.rotation == 0 else f"{path}#rot{item.rotation:03d}"
+    return key, [st.st_size, st.st_mtime_ns]
+
+
+class EmbeddingCache:
+    """Embeddings of image files for one encoder, kept on disk between runs."""
+
+    def __init__(self, encoder: Encoder, root: str | os.PathLike[str] | None = None) -> None:
+        self.encoder = encoder
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.directory = self.root / encoder.fingerprint_id
+        self.hits = 0
+        self.misses = 0
+        self._rows: dict[str, list[int]] = {}  # key -> [row, size, mtime_ns]
+        self._array: np.ndarray | None = None
+        self._load()
+
+    def _load(self) -> None:
+        if not (self.directory / "manifest.json").exists():
+            return
+        try:
+            manifest, files = load_bundle(self.directory, KIND, FORMAT_VERSION)
+            if manifest.get("fingerprint") != self.encoder.fingerprint:
+                raise UserInputError("its fingerprint does not match the encoder")
+            array = np.load(files["embeddings.npy"], mmap_mode="r", allow_pickle=False)
+            if array.ndim != 2 or array.dtype != np.float32 or array.shape[0] != manifest["count"]:
+                raise UserInputError(f"its array has shape {array.shape}, dtype {array.dtype}")
+            self._rows = {k: list(v) for k, v in manifest["rows"].items()}
+            self._array = array
+        except (UserInputError, KeyError, TypeError, ValueError) as exc:
+            log.warning("embedding cache %s is damaged (%s); rebuilding it", self.directory, exc)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._rows, self._array = {}, None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _save(self, array: np.ndarray) -> None:
+        manifest = {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.encoder.fingerprint,
+            "count": int(array.shape[0]),
+            "rows": self._rows,
+        }
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+
+        save_bundle(self.directory, manifest, {"embeddings.npy": write})
+        self._array = np.load(
+            load_bundle(self.directory, KIND, FORMAT_VERSION)[1]["embeddings.npy"], mmap_mode="r"
+        )
+
+    def embed(
+        self, images: Sequence[Any], chunk_size: int = 4096, **embed_kwargs: Any
+    ) -> torch.Tensor:
+        """Embeddings `[N, D]` of image files, computing only those not cached (saved every chunk).
+
+        Keyword arguments go to `Encoder.embed` (batch_size, num_workers, progress). Unreadable
+        images raise ImageLoadError: a cache of a dataset needs every image.
+        """
+        items = [as_item(x) for x in images]
+        keys = []
+        for item in items:
+            try:
+                keys.append(_stat_key(item))
+            except OSError:
+                raise UserInputError(f"{item.path}: no such image file") from None
+        todo: list[int] = []
+        seen: set[str] = set()
+        for i, (key, stat) in enumerate(keys):
+            stale = key not in self._rows or self._rows[key][1:] != stat
+            if stale and key not in seen:
+                seen.add(key)
+                todo.append(i)
+        self.misses += len(todo)
+        self.hits += len(items) - len(todo)
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            desc = f"embedding {start + len(chunk)}/{len(todo)} new images"
+            result = self.encoder.embed([items[i] for i in chunk], desc=desc, **embed_kwargs)
+            old = self._array if self._array is not None else np.empty((0, result.embeddings.shape[1]), np.float32)
+            array = np.concatenate([np.asarray(old), result.embeddings.numpy().astype(np.float32)])
+            for offset, i in enumerate(chunk):
+                key, stat = keys[i]
+                self._rows[key] = [old.shape[0] + offset, *stat]
+            self._save(array)
+        rows = np.fromiter((self._rows[k][0] for k, _ in keys), dtype=np.int64, count=len(keys))
+        if self._array is None:
+            return torch.empty(0, self.encoder.dim)
+        return torch.from_numpy(np.ascontiguousarray(self._array[rows]))

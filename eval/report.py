@@ -1,0 +1,82 @@
+"""Reports: result rows, a Markdown table, a JSON document and an accuracy-vs-shots plot."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from encoders.atomic import write_atomically, write_json_atomically
+
+
+def result_row(method: str, ways: int, shots: int, queries: int, mean: float, ci95: float, episodes: int) -> dict:
+    """One result: accuracy and its 95% confidence half-width, both in [0, 1]."""
+    return {
+        "method": method,
+        "ways": ways,
+        "shots": shots,
+        "queries": queries,
+        "episodes": episodes,
+        "accuracy": round(mean, 6),
+        "ci95": round(ci95, 6),
+    }
+
+
+def markdown_table(results: list[dict[str, Any]], published: dict | None = None) -> str:
+    """Rows of method × setting as 'mean ± ci' percentages; optional published numbers column."""
+    header = "| method | ways | shots | queries | episodes | accuracy (%) |"
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: |"
+    if published:
+        header += " published (%) |"
+        rule += " ---: |"
+    lines = [header, rule]
+    for r in results:
+        line = (
+            f"| {r['method']} | {r['ways']} | {r['shots']} | {r['queries']} | {r['episodes']} | "
+            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |"
+        )
+        if published:
+            value = published.get((r["ways"], r["shots"]))
+            line += f" {value} |" if value is not None else " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_results(path: str | os.PathLike[str], document: dict[str, Any]) -> None:
+    """Write the results document as JSON, atomically."""
+    write_json_atomically(path, document)
+
+
+def plot_accuracy(results: list[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> None:
+    """Accuracy against shots with 95% CI bars, one line per (method, ways). Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from encoders.errors import UserInputError
+
+        raise UserInputError("--plot needs matplotlib: pip install 'protonets[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[tuple[str, int], list[dict]] = {}
+    for r in results:
+        series.setdefault((r["method"], r["ways"]), []).append(r)
+    for (method, ways), rows in sorted(series.items()):
+        rows = sorted(rows, key=lambda r: r["shots"])
+        ax.errorbar(
+            [r["shots"] for r in rows],
+            [100 * r["accuracy"] for r in rows],
+            yerr=[100 * r["ci95"] for r in rows],
+            marker="o",
+            capsize=3,
+            label=f"{method}, {ways}-way",
+        )
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    suffix = os.path.splitext(os.fspath(path))[1] or ".png"
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=suffix.lstrip("."), dpi=120))
+    plt.close(fig)

@@ -95,9 +95,7 @@ class EmbeddingCache:
             load_bundle(self.directory, KIND, FORMAT_VERSION)[1]["embeddings.npy"], mmap_mode="r"
         )
 
-    def embed(
-        self, images: Sequence[Any], chunk_size: int = 4096, **embed_kwargs: Any
-    ) -> torch.Tensor:
+    def embed(self, images: Sequence[Any], chunk_size: int = 4096, **embed_kwargs: Any) -> torch.Tensor:
         """Embeddings `[N, D]` of image files, computing only those not cached (saved every chunk).
 
         Keyword arguments go to `Encoder.embed` (batch_size, num_workers, progress). Unreadable
@@ -123,7 +121,11 @@ class EmbeddingCache:
             chunk = todo[start : start + chunk_size]
             desc = f"embedding {start + len(chunk)}/{len(todo)} new images"
             result = self.encoder.embed([items[i] for i in chunk], desc=desc, **embed_kwargs)
-            old = self._array if self._array is not None else np.empty((0, result.embeddings.shape[1]), np.float32)
+            old = (
+                self._array
+                if self._array is not None
+                else np.empty((0, result.embeddings.shape[1]), np.float32)
+            )
             array = np.concatenate([np.asarray(old), result.embeddings.numpy().astype(np.float32)])
             for offset, i in enumerate(chunk):
                 key, stat = keys[i]

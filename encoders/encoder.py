@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import ImageLoadError
 from .images import ImageItem, open_image
-from .progress import progress_bar
 from .preprocess import build_transform
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 

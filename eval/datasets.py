@@ -144,7 +144,9 @@ def csv_split(csv_file: str | os.PathLike[str], image_root: str | os.PathLike[st
             raise UserInputError(f"{csv_file}:{number}: expected 'filename,label'")
         path = image_root / row[0]
         if not path.is_file():
-            raise UserInputError(f"{csv_file}:{number}: image '{path}' not found (is --data the image folder?)")
+            raise UserInputError(
+                f"{csv_file}:{number}: image '{path}' not found (is --data the image folder?)"
+            )
         if row[1] not in order:
             order.append(row[1])
         pairs.append((ImageItem(str(path)), row[1]))

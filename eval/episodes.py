@@ -39,7 +39,9 @@ class Episodes:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save as .npz (arrays + JSON settings), atomically."""
-        meta = json.dumps({"ways": self.ways, "shots": self.shots, "queries": self.queries, "seed": self.seed})
+        meta = json.dumps(
+            {"ways": self.ways, "shots": self.shots, "queries": self.queries, "seed": self.seed}
+        )
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as handle:
@@ -87,7 +89,12 @@ def sample_episodes(
         shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
         log.warning(
             "left out %d class(es) with fewer than %d images (%d-shot + %d queries): %s; %d remain",
-            len(small), need, shots, queries, shown, len(usable),
+            len(small),
+            need,
+            shots,
+            queries,
+            shown,
+            len(usable),
         )
     if len(usable) < ways:
         raise UserInputError(

@@ -8,7 +8,9 @@ from typing import Any
 from encoders.atomic import write_atomically, write_json_atomically
 
 
-def result_row(method: str, ways: int, shots: int, queries: int, mean: float, ci95: float, episodes: int) -> dict:
+def result_row(
+    method: str, ways: int, shots: int, queries: int, mean: float, ci95: float, episodes: int
+) -> dict:
     """One result: accuracy and its 95% confidence half-width, both in [0, 1]."""
     return {
         "method": method,

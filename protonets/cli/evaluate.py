@@ -21,16 +21,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", choices=["folder", "omniglot", "csv"], default="folder")
     p.add_argument("--data", required=True, help="dataset root folder (images)")
-    p.add_argument("--split", default=None, help="split name or file (omniglot: train/val/test; csv: the CSV)")
+    p.add_argument(
+        "--split", default=None, help="split name or file (omniglot: train/val/test; csv: the CSV)"
+    )
     p.add_argument("--ways", type=positive_int, nargs="+", default=[5])
     p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5])
     p.add_argument("--queries", type=positive_int, default=15)
     p.add_argument("--episodes", type=positive_int, default=600)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", nargs="+", default=["prototype"], choices=sorted(METHODS), metavar="METHOD",
-                   help=f"one or more of {', '.join(sorted(METHODS))} (default: prototype)")
+    p.add_argument(
+        "--method",
+        nargs="+",
+        default=["prototype"],
+        choices=sorted(METHODS),
+        metavar="METHOD",
+        help=f"one or more of {', '.join(sorted(METHODS))} (default: prototype)",
+    )
     p.add_argument("--knn-k", type=positive_int, default=1, help="neighbours for --method knn")
-    p.add_argument("--cache-dir", default=None, help="embedding cache (default: ~/.cache/protonets/embeddings)")
+    p.add_argument(
+        "--cache-dir", default=None, help="embedding cache (default: ~/.cache/protonets/embeddings)"
+    )
     p.add_argument("--no-cache", action="store_true", help="embed without reading or writing the cache")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="draw accuracy against shots here (needs the plot extra)")
@@ -44,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     from eval.run import embed_dataset, run_evaluation
 
     dataset = load_dataset(args.dataset, args.data, args.split)
-    encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=resolve_device(args.device))
+    encoder = create_encoder(
+        args.encoder, checkpoint_path=args.checkpoint, device=resolve_device(args.device)
+    )
     embeddings = embed_dataset(
         dataset,
         encoder,

@@ -60,6 +60,31 @@ class Episodes:
             raise UserInputError(f"episode file '{path}' cannot be read ({exc})") from None
 
 
+def usable_classes(
+    labels: np.ndarray, ways: int, need: int, class_names: list[str] | None = None, warn: bool = True
+) -> np.ndarray:
+    """Class ids with at least `need` images; error if fewer than `ways` (warns about the rest)."""
+    classes, counts = np.unique(np.asarray(labels, dtype=np.int64), return_counts=True)
+    small = classes[counts < need]
+    usable = classes[counts >= need]
+    if len(small) and warn:
+        names = [class_names[c] if class_names else str(c) for c in small]
+        shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
+        log.warning(
+            "left out %d class(es) with fewer than %d images per episode: %s; %d remain",
+            len(small),
+            need,
+            shown,
+            len(usable),
+        )
+    if len(usable) < ways:
+        raise UserInputError(
+            f"{ways}-way episodes need {ways} classes with at least {need} images each, "
+            f"only {len(usable)} have that many"
+        )
+    return usable
+
+
 def sample_episodes(
     labels: np.ndarray,
     ways: int,
@@ -81,28 +106,9 @@ def sample_episodes(
         raise UserInputError(f"queries must be 0 or more, got {queries}")
     labels = np.asarray(labels, dtype=np.int64)
     need = shots + queries
-    classes, counts = np.unique(labels, return_counts=True)
-    small = classes[counts < need]
-    usable = classes[counts >= need]
-    if len(small):
-        names = [class_names[c] if class_names else str(c) for c in small]
-        shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
-        log.warning(
-            "left out %d class(es) with fewer than %d images (%d-shot + %d queries): %s; %d remain",
-            len(small),
-            need,
-            shots,
-            queries,
-            shown,
-            len(usable),
-        )
-    if len(usable) < ways:
-        raise UserInputError(
-            f"{ways}-way episodes need {ways} classes with at least {need} images each, "
-            f"only {len(usable)} have that many"
-        )
+    usable = usable_classes(labels, ways, need, class_names, warn=True)
     order = np.argsort(labels, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=classes.max() + 1))])
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels))])
     rng = np.random.default_rng(seed)
     indices = np.empty((episodes, ways, need), dtype=np.int64)
     chosen = np.empty((episodes, ways), dtype=np.int64)

@@ -50,10 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from eval.datasets import load_dataset
+    from eval.episodes import usable_classes
     from eval.report import markdown_table, plot_accuracy, write_results
     from eval.run import embed_dataset, run_evaluation
 
     dataset = load_dataset(args.dataset, args.data, args.split)
+    for ways in args.ways:  # refuse impossible settings before the (long) embedding pass
+        for shots in args.shots:
+            usable_classes(dataset.labels, ways, shots + args.queries, warn=False)
     encoder = create_encoder(
         args.encoder, checkpoint_path=args.checkpoint, device=resolve_device(args.device)
     )

@@ -9,6 +9,7 @@ from encoders import ImageLoadError, UserInputError, create_encoder
 
 from .classifier import FewShotClassifier
 from .heads import HEADS, Head, PrototypeHead, create_head, register_head
+from .memory import SupportMemory
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "Head",
     "ImageLoadError",
     "PrototypeHead",
+    "SupportMemory",
     "UserInputError",
     "create_encoder",
     "create_head",

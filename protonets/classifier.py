@@ -66,6 +66,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     feature_transform: None, 'l2n' or 'cl2n' (SimpleShot: centre on the support mean, then L2).
     scale: cosine logit scale (softmax temperature).
     threshold: if set, queries whose top probability is below it are labelled `unknown_label`.
+    memory: a `SupportMemory` to use as the support store: `fit` adds to it, predictions use its
+        class prototypes (see `from_memory` for a memory that is already filled).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         device: str = "cpu",
         skip_bad: bool = False,
         progress: bool = False,
+        memory: Any = None,
     ) -> None:
         self.encoder = encoder
         self.checkpoint = checkpoint
@@ -97,6 +100,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
         self.skip_bad = skip_bad
         self.progress = progress
+        self.memory = memory
 
     # -- embedding -----------------------------------------------------------------------------
     def get_encoder(self) -> Encoder:
@@ -163,6 +167,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         if y.ndim != 1:
             raise ValueError(f"y must be 1-D labels, got shape {y.shape}")
         check_classification_targets(y)
+        if self.memory is not None:
+            return self._fit_memory(X, y)
         if _is_embedding_array(X):
             x = _as_embeddings(X)
             fingerprint = None
@@ -185,6 +191,51 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         if self.head == "prototype":
             head_kwargs["scale"] = self.scale
         self.head_ = create_head(self.head, **head_kwargs).fit(x, torch.from_numpy(y_index))
+        return self
+
+    # -- support memory --------------------------------------------------------------------
+    @classmethod
+    def from_memory(cls, memory: Any, **params: Any) -> FewShotClassifier:
+        """A fitted classifier over a filled `SupportMemory` (metric taken from the memory)."""
+        params.setdefault("metric", "euclidean" if memory.metric == "l2" else "cosine")
+        return cls(memory=memory, **params)._use_memory()
+
+    def _fit_memory(self, X: Any, y: np.ndarray) -> FewShotClassifier:
+        """Add the support set to the memory (never clearing it), then predict from it."""
+        if _is_embedding_array(X):
+            x = _as_embeddings(X)
+        else:
+            fp, held = self.get_encoder().fingerprint, self.memory.encoder_fingerprint
+            if held != fp and (held is not None or len(self.memory)):
+                raise FingerprintMismatchError(
+                    "the memory holds embeddings from another encoder (or of unknown origin); "
+                    "use the encoder it was built with"
+                )
+            items = list(X)
+            if len(items) != len(y):
+                raise ValueError(f"got {len(items)} images but {len(y)} labels")
+            result = self.embed(items, desc="support")
+            x, y = result.embeddings, y[result.kept]
+            self.memory.encoder_fingerprint = fp
+        self.memory.add(x, y.tolist())
+        return self._use_memory()
+
+    def _use_memory(self) -> FewShotClassifier:
+        from .memory.head import MemoryHead
+
+        memory = self.memory
+        expected = "euclidean" if memory.metric == "l2" else "cosine"
+        if self.metric != expected or self.feature_transform not in (None, "l2n"):
+            raise ValueError(
+                f"a {memory.metric} memory needs metric={expected!r} and feature_transform None, "
+                f"got metric={self.metric!r}, feature_transform={self.feature_transform!r}"
+            )
+        if len(memory.classes) < 2:
+            raise ValueError(f"the memory needs at least 2 classes, has {len(memory.classes)}")
+        self.classes_ = np.asarray(memory.classes)
+        self.n_features_in_ = memory.dim
+        self.encoder_fingerprint_ = memory.encoder_fingerprint
+        self.head_ = MemoryHead(memory, memory.classes, self.scale)
         return self
 
     def logits(self, X: Any) -> np.ndarray:
@@ -221,6 +272,11 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Save the fitted classifier as safetensors + JSON manifest (atomically; no pickle)."""
         check_is_fitted(self, "head_")
+        if self.memory is not None:
+            raise UserInputError(
+                "a classifier over a SupportMemory is saved by saving the memory: "
+                "memory.save(DIR), then FewShotClassifier.from_memory(SupportMemory.load(DIR))"
+            )
         params = self.get_params()
         if isinstance(params["encoder"], Encoder):
             params["encoder"] = params["encoder"].name

@@ -1,0 +1,211 @@
+"""`protonets memory build|add|query|info`: a saved, growing support memory of embedded images."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+import numpy as np
+
+from encoders import DEFAULT_ENCODER, Encoder, create_encoder, list_images
+from encoders.atomic import MANIFEST
+from encoders.errors import UserInputError
+
+from ..memory import INDEX_KINDS, METRICS, MODES, SupportMemory
+from .common import add_encoder_options, positive_int, query_paths, resolve_device
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "memory",
+        help="build, grow and query a saved support memory (FAISS; millions of images)",
+        description="A support memory: embedded, labelled support images saved in a folder, "
+        "searched exactly or through a FAISS index, grown class by class.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    b = actions.add_parser("build", help="embed a support folder into a new memory")
+    b.add_argument("directory", metavar="DIR", help="folder to save the memory in")
+    _from_option(b)
+    b.add_argument("--metric", choices=METRICS, default="cosine")
+    b.add_argument("--index", choices=INDEX_KINDS, default="auto", help="default: %(default)s")
+    b.add_argument("--force", action="store_true", help="replace a memory already saved in DIR")
+    _common(b, run_build)
+
+    a = actions.add_parser("add", help="embed a support folder and add it to a saved memory")
+    a.add_argument("directory", metavar="DIR", help="a saved memory")
+    _from_option(a)
+    _common(a, run_add)
+
+    q = actions.add_parser("query", help="classify query images against a saved memory")
+    q.add_argument("directory", metavar="DIR", help="a saved memory")
+    q.add_argument("queries", metavar="QUERY", nargs="+", help="image files or folders of images")
+    q.add_argument("--k", type=positive_int, default=5, help="neighbours (knn) or classes listed")
+    q.add_argument("--mode", choices=MODES, default="prototype", help="default: %(default)s")
+    q.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    _common(q, run_query)
+
+    i = actions.add_parser("info", help="describe a saved memory (and verify its files)")
+    i.add_argument("directory", metavar="DIR", help="a saved memory")
+    i.add_argument("--format", choices=["table", "json"], default="table")
+    i.set_defaults(run=run_info)
+
+
+def _from_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--from", dest="support", metavar="SUPPORT_DIR", required=True,
+        help="folder with one sub-folder of images per class",
+    )
+
+
+def _common(p: argparse.ArgumentParser, run: Any) -> None:
+    p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
+    add_encoder_options(p)
+    p.set_defaults(run=run, encoder=None)  # None: the memory's own encoder (or the default)
+
+
+def class_folders(root: str) -> tuple[list[str], list[str]]:
+    """Image paths and labels from a folder with one sub-folder per class (one class is enough)."""
+    if not os.path.isdir(root):
+        raise UserInputError(f"--from '{root}' does not exist or is not a folder")
+    paths: list[str] = []
+    labels: list[str] = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if name.startswith(".") or not os.path.isdir(folder):
+            continue
+        images = list_images(folder)
+        if not images:
+            raise UserInputError(f"class folder '{folder}' holds no images; add some or remove it")
+        paths += images
+        labels += [name] * len(images)
+    if not paths:
+        raise UserInputError(f"--from '{root}' has no class sub-folders of images")
+    return paths, labels
+
+
+def _encoder(args: argparse.Namespace, memory_dir: str | None = None) -> Encoder:
+    name = args.encoder
+    if name is None and memory_dir is not None:
+        try:
+            with open(os.path.join(memory_dir, MANIFEST), encoding="utf-8") as handle:
+                name = (json.load(handle).get("encoder_fingerprint") or {}).get("model")
+        except (OSError, ValueError, AttributeError):
+            name = None  # SupportMemory.load reports what is wrong with the folder
+    return create_encoder(
+        name or DEFAULT_ENCODER, checkpoint_path=args.checkpoint, device=resolve_device(args.device)
+    )
+
+
+def _embed(encoder: Encoder, paths: list[str], args: argparse.Namespace, desc: str):
+    return encoder.embed(
+        paths, batch_size=args.batch_size, num_workers=args.workers,
+        progress=not args.quiet, skip_bad=args.skip_bad, desc=desc,
+    )
+
+
+def run_build(args: argparse.Namespace) -> int:
+    if os.path.exists(os.path.join(args.directory, MANIFEST)) and not args.force:
+        raise UserInputError(
+            f"'{args.directory}' already holds a memory: grow it with `protonets memory add`, "
+            "or pass --force to replace it"
+        )
+    paths, labels = class_folders(args.support)
+    encoder = _encoder(args)
+    result = _embed(encoder, paths, args, "support")
+    memory = SupportMemory(
+        encoder.dim, metric=args.metric, index=args.index, encoder_fingerprint=encoder.fingerprint
+    )
+    memory.add(result.embeddings, [labels[i] for i in result.kept])
+    memory.save(args.directory)
+    _summary("built", args.directory, memory)
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    paths, labels = class_folders(args.support)
+    encoder = _encoder(args, args.directory)
+    memory = SupportMemory.load(args.directory, encoder=encoder)
+    result = _embed(encoder, paths, args, "support")
+    memory.add(result.embeddings, [labels[i] for i in result.kept])
+    memory.save(args.directory)
+    _summary(f"added {len(result.kept)} images to", args.directory, memory)
+    return 0
+
+
+def run_query(args: argparse.Namespace) -> int:
+    queries = query_paths(args.queries)
+    encoder = _encoder(args, args.directory)
+    memory = SupportMemory.load(args.directory, encoder=encoder)
+    result = _embed(encoder, queries, args, "queries")
+    rows: list[dict[str, Any]] = []
+    if result.kept:
+        x = result.embeddings
+        labels, scores = memory.classify(x, mode=args.mode, k=args.k)
+        if args.mode == "knn":
+            top_s, top_l = memory.search(x, k=args.k)
+        else:
+            table, names = memory.prototype_scores(x)
+            order = np.argsort(-table, axis=1, kind="stable")[:, : args.k]
+            top_s = np.take_along_axis(table, order, 1)
+            top_l = np.asarray(names, dtype=object)[order]
+        for row, i in enumerate(result.kept):
+            rows.append({
+                "query": queries[i],
+                "label": str(labels[row]),
+                "score": round(float(scores[row]), 6),
+                "top_k": [
+                    [str(name), round(float(s), 6)]
+                    for name, s in zip(top_l[row], top_s[row]) if name is not None
+                ],
+            })
+    write_rows(rows, args.format, sys.stdout)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    memory = SupportMemory.load(args.directory)
+    info = {"directory": args.directory, **memory.info(), "class_counts": memory.class_counts()}
+    if args.format == "json":
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    counts = info.pop("class_counts")
+    for key, value in info.items():
+        print(f"{key:>13}: {value}")
+    shown = ", ".join(f"{name} ({n})" for name, n in list(counts.items())[:20])
+    more = f", … {len(counts) - 20} more" if len(counts) > 20 else ""
+    print(f"{'class counts':>13}: {shown}{more}")
+    return 0
+
+
+def _summary(verb: str, directory: str, memory: SupportMemory) -> None:
+    print(
+        f"{verb} '{directory}': {memory.count} vectors, {len(memory.classes)} classes, "
+        f"{memory.metric}, {memory.structure} search"
+    )
+
+
+def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO) -> None:
+    """Query results as a table, JSON or CSV (score: cosine similarity or -squared distance)."""
+    if fmt == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(["query", "label", "score", "top_k"])
+        for r in rows:
+            top = ";".join(f"{c}:{s:.4f}" for c, s in r["top_k"])
+            writer.writerow([r["query"], r["label"], f"{r['score']:.4f}", top])
+    else:
+        width = max([len("query")] + [len(r["query"]) for r in rows])
+        lwidth = max([len("label")] + [len(r["label"]) for r in rows])
+        out.write(f"{'query':<{width}}  {'label':<{lwidth}}  {'score':>7}  top-k\n")
+        out.write(f"{'-' * width}  {'-' * lwidth}  {'-' * 7}  {'-' * 5}\n")
+        for r in rows:
+            others = ", ".join(f"{c} {s:.3f}" for c, s in r["top_k"])
+            out.write(f"{r['query']:<{width}}  {r['label']:<{lwidth}}  {r['score']:>7.3f}  {others}\n")

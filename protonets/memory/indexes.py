@@ -1,0 +1,144 @@
+"""FAISS indexes behind SupportMemory, and the sizing rules of `index="auto"`.
+
+Every faiss index here stores our own row ids (0, 1, 2, … in insertion order), so one id names
+the same vector in the index, in the labels array and in the optional raw-vector store.
+The constants below were picked by measurement on this project's 2-core machine; see
+`scripts/bench_memory.py` and the notes beside each one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import faiss
+import numpy as np
+
+APPROXIMATE = ("hnsw", "ivf", "ivfpq")
+
+#: `auto` keeps exact (torch matrix-product) search below this many vectors. At 100k × 512 the
+#: exact path still answers ~800 queries/s on 2 cores, and training an IVF index costs seconds.
+EXACT_LIMIT = 100_000
+
+#: Training vectors per inverted list (k-means sample = this × nlist, capped at the data size).
+#: Measured at 1M × 512: 16/list gave the same recall as 32/list at half the training time.
+TRAIN_PER_LIST = 16
+
+#: k-means iterations for the coarse quantizer (faiss default 25; 10 loses no recall here).
+KMEANS_ITERATIONS = 10
+
+#: Fewest vectors an IVF (flat) / IVF-PQ index is trained on; below, search stays exact.
+MIN_TRAIN = {"ivf": 1_000, "ivfpq": 2_560}
+
+
+@dataclass
+class IndexParams:
+    """Build and search parameters of the approximate index (None: sized to the data)."""
+
+    nlist: int | None = None
+    nprobe: int | None = None
+    pq_m: int | None = None
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 64
+    rerank: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def faiss_metric(metric: str) -> int:
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists for n vectors: the power of two nearest 4·√n, within [16, 65536]."""
+    target = 4 * math.sqrt(max(n, 1))
+    return int(min(65536, max(16, 2 ** round(math.log2(target)))))
+
+
+def nprobe_for(nlist: int) -> int:
+    """Lists probed per query: 8 of 4096 gave ≥ 0.99 class agreement at 1M (scaled with √nlist)."""
+    return max(1, min(nlist, round(8 * math.sqrt(nlist / 4096))))
+
+
+def pq_m_for(dim: int) -> int:
+    """PQ sub-quantizers: dim/8 (64 bytes a vector at 512 dims), a divisor of dim."""
+    m = max(1, dim // 8)
+    while dim % m:
+        m -= 1
+    return m
+
+
+def new_index(kind: str, dim: int, metric: str, params: IndexParams, n: int) -> faiss.Index:
+    """An empty (untrained) faiss index of `kind` for about `n` vectors."""
+    fm = faiss_metric(metric)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params.hnsw_m, fm)
+        index.hnsw.efConstruction = params.ef_construction
+        return index
+    nlist = params.nlist or nlist_for(n)
+    quantizer = faiss.IndexFlat(dim, fm)
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, fm)
+    elif kind == "ivfpq":
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, params.pq_m or pq_m_for(dim), 8, fm)
+        index.do_polysemous_training = False  # slow, and unused by our searches
+        index.pq.cp.min_points_per_centroid = 1  # small samples are deliberate: no warnings
+    else:
+        raise ValueError(f"unknown index kind '{kind}'")
+    index.cp.niter = KMEANS_ITERATIONS
+    index.cp.min_points_per_centroid = 1
+    index.cp.seed = 1234
+    return index
+
+
+def train_sample_size(index: faiss.Index, n: int) -> int:
+    """How many vectors to train `index` on, out of n available."""
+    if isinstance(index, faiss.IndexIVF):
+        size = TRAIN_PER_LIST * index.nlist
+        if isinstance(index, faiss.IndexIVFPQ):
+            size = max(size, 64 * 256)  # PQ codebooks: 256 centroids per sub-quantizer
+        return min(n, size)
+    return 0
+
+
+def sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted row numbers of a seeded uniform sample of `size` out of `n`."""
+    if size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def add(index: faiss.Index, x: np.ndarray, first_id: int) -> None:
+    """Add rows with ids first_id, first_id + 1, … (HNSW numbers rows itself, in order)."""
+    if isinstance(index, faiss.IndexHNSW):
+        if index.ntotal != first_id:
+            raise RuntimeError("HNSW index out of step with the memory's ids")
+        index.add(x)
+    else:
+        index.add_with_ids(x, np.arange(first_id, first_id + len(x), dtype=np.int64))
+
+
+def search_params(index: faiss.Index, params: IndexParams, alive: np.ndarray | None):
+    """Per-call search parameters (thread-safe: the index itself is never modified).
+
+    `alive` is a bitmap (np.packbits, little bit order) of ids still in the memory; HNSW cannot
+    delete, so removed ids are filtered out during its search.
+    """
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(nprobe=params.nprobe or nprobe_for(index.nlist))
+    p = faiss.SearchParametersHNSW(efSearch=params.ef_search)
+    if alive is not None:
+        selector = faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(alive))
+        p.sel = selector
+        p.referenced_objects = [selector, alive]  # keep both alive as long as p
+    return p
+
+
+def kind_of(index: faiss.Index) -> str:
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVFPQ):
+        return "ivfpq"
+    return "ivf"

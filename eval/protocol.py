@@ -136,3 +136,6 @@ def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
     if len(acc) < 2:
         return float(acc.mean()), 0.0
     return float(acc.mean()), float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc)))
+
+
+from . import maml_methods  # noqa: E402, F401  (registers the MAML-path methods)

@@ -28,6 +28,7 @@ from encoders import (
 from encoders.atomic import load_bundle, save_bundle
 
 from .heads import create_head
+from .maml import head as _maml_head  # noqa: F401  (registers the 'maml' head)
 
 FORMAT_VERSION = 1
 KIND = "protonets.FewShotClassifier"
@@ -68,6 +69,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     threshold: if set, queries whose top probability is below it are labelled `unknown_label`.
     memory: a `SupportMemory` to use as the support store: `fit` adds to it, predictions use its
         class prototypes (see `from_memory` for a memory that is already filled).
+    steps, inner_lr: for head='maml' (Proto-MAML fine-tuning), SGD steps on the support set and
+        their step size (None: the head's defaults).
     """
 
     def __init__(
@@ -86,6 +89,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         skip_bad: bool = False,
         progress: bool = False,
         memory: Any = None,
+        steps: int | None = None,
+        inner_lr: float | None = None,
     ) -> None:
         self.encoder = encoder
         self.checkpoint = checkpoint
@@ -101,6 +106,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.skip_bad = skip_bad
         self.progress = progress
         self.memory = memory
+        self.steps = steps
+        self.inner_lr = inner_lr
 
     # -- embedding -----------------------------------------------------------------------------
     def get_encoder(self) -> Encoder:
@@ -188,8 +195,11 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = int(x.shape[1])
         self.encoder_fingerprint_ = fingerprint
         head_kwargs = {"metric": self.metric, "feature_transform": self.feature_transform}
-        if self.head == "prototype":
+        if self.head in ("prototype", "maml"):
             head_kwargs["scale"] = self.scale
+        if self.head == "maml":
+            options = {"steps": self.steps, "lr": self.inner_lr}
+            head_kwargs.update({k: v for k, v in options.items() if v is not None})
         self.head_ = create_head(self.head, **head_kwargs).fit(x, torch.from_numpy(y_index))
         return self
 

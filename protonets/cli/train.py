@@ -1,0 +1,223 @@
+"""`protonets train`: episodic training of an encoder with the prototype head (ProtoNet)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+
+from encoders import Encoder, create_encoder
+from encoders.errors import UserInputError
+
+from .common import positive_int, resolve_device
+
+log = logging.getLogger("protonets")
+
+#: Per-dataset defaults: the paper's Omniglot setting; a small-data setting elsewhere.
+DEFAULTS = {
+    "omniglot": {"ways": 60, "shots": 5, "queries": 5, "split": "train", "val_split": "val"},
+    "folder": {"ways": 5, "shots": 5, "queries": 15, "split": None, "val_split": None},
+    "csv": {"ways": 5, "shots": 5, "queries": 15, "split": None, "val_split": None},
+}
+#: Options that set the TrainConfig; None on the command line means "not given".
+CONFIG_OPTIONS = {
+    "ways": "ways",
+    "shots": "shots",
+    "queries": "queries",
+    "episodes": "episodes",
+    "lr": "lr",
+    "lr_step": "lr_step",
+    "lr_gamma": "lr_gamma",
+    "weight_decay": "weight_decay",
+    "augment": "augment",
+    "metric": "metric",
+    "val_ways": "val_ways",
+    "val_shots": "val_shots",
+    "val_queries": "val_queries",
+    "val_episodes": "val_episodes",
+    "val_every": "val_every",
+    "seed": "seed",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from protonets.training import AUGMENTATIONS
+
+    p = sub.add_parser(
+        "train",
+        help="train an encoder episodically with the prototype head (ProtoNet)",
+        description="Episodic training (Snell et al. 2017): N-way K-shot episodes, Adam with a "
+        "step learning-rate schedule, validation episodes, best-checkpoint selection and resume. "
+        "Writes DIR/manifest.json + weights (load with --checkpoint DIR), DIR/train_log.jsonl and "
+        "DIR/resume/.",
+    )
+    p.add_argument("--method", choices=["protonet"], default="protonet")
+    p.add_argument("--dataset", choices=["folder", "omniglot", "csv"], default="folder")
+    p.add_argument("--data", required=True, help="dataset root folder (images)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="training classes: omniglot split name or file (default train); folder: class-list "
+        "file (default: every class folder); csv: the Ravi-format CSV",
+    )
+    p.add_argument(
+        "--val-split",
+        default=None,
+        help="validation classes, as --split (omniglot default val); 'none' trains without validation",
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for checkpoint, log and state")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --output holds a run")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", default=None, help="timm model name (default: conv4)")
+    g.add_argument(
+        "--pretrained", action="store_true", help="start from the encoder's pretrained weights (fine-tune)"
+    )
+    g.add_argument("--image-size", type=positive_int, default=None, help="override the input side")
+    g.add_argument("--metric", choices=["euclidean", "cosine"], default=None, help="default: euclidean")
+
+    g = p.add_argument_group("episodes (defaults: omniglot 60-way 5-shot 5-query, else 5/5/15)")
+    g.add_argument("--ways", type=positive_int, default=None)
+    g.add_argument("--shots", type=positive_int, default=None)
+    g.add_argument("--queries", type=positive_int, default=None)
+    g.add_argument("--episodes", type=positive_int, default=None, help="training episodes (default 10000)")
+    g.add_argument("--val-ways", type=positive_int, default=None, help="default 5")
+    g.add_argument("--val-shots", type=positive_int, default=None, help="default 5")
+    g.add_argument("--val-queries", type=positive_int, default=None, help="default 15")
+    g.add_argument("--val-episodes", type=positive_int, default=None, help="default 100")
+    g.add_argument("--val-every", type=positive_int, default=None, help="episodes between validations (500)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--lr-step", type=positive_int, default=None, help="episodes per decay (default 2000)")
+    g.add_argument("--lr-gamma", type=float, default=None, help="decay factor (default 0.5)")
+    g.add_argument("--weight-decay", type=float, default=None, help="default 0")
+    g.add_argument("--augment", choices=AUGMENTATIONS, default=None, help="default none")
+    g.add_argument("--seed", type=int, default=None, help="default 0")
+
+    g = p.add_argument_group("machine")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or warnings")
+    p.set_defaults(run=run)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        field: getattr(args, opt) for opt, field in CONFIG_OPTIONS.items() if getattr(args, opt) is not None
+    }
+
+
+def _load_images(args: argparse.Namespace, split: str | None, preprocessing: dict[str, Any], what: str):
+    from eval.datasets import load_dataset
+    from protonets.training import ImageSet, preload_images
+
+    dataset = load_dataset(args.dataset, args.data, split)
+    images = preload_images(dataset.items, preprocessing, progress=not args.quiet, desc=f"loading {what}")
+    info = {"name": dataset.name, "split": split, "classes": dataset.num_classes, "images": len(dataset)}
+    return ImageSet(images, dataset.labels, dataset.class_names, info)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    from protonets.training.checkpoint import LOG_FILE, STATE_DIR
+
+    held = [n for n in ("manifest.json", LOG_FILE, STATE_DIR) if os.path.exists(os.path.join(args.output, n))]
+    if held and not (args.resume or args.overwrite):
+        raise UserInputError(
+            f"--output '{args.output}' already holds a training run ({', '.join(held)}); pass --resume "
+            "to continue it, --overwrite to start afresh, or choose another folder"
+        )
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserInputError(f"--output '{args.output}' exists and is not a folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from protonets.training import EpisodicTrainer, TrainConfig
+    from protonets.training.checkpoint import load_state
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    _check_output(args)
+    defaults = DEFAULTS[args.dataset]
+    split = args.split or defaults["split"]
+    val_split = args.val_split or defaults["val_split"]
+    if val_split is not None and val_split.lower() == "none":
+        val_split = None
+    if args.dataset == "csv" and split is None:
+        raise UserInputError("--dataset csv needs --split FILE.csv (the training classes' CSV)")
+
+    given = _given(args)
+    saved: dict[str, Any] | None = None
+    if args.resume:
+        saved, _ = load_state(args.output)
+        config = TrainConfig.from_dict(saved["config"])
+        differ = [
+            f"--{k.replace('_', '-')} {v} (the run has {getattr(config, k)})"
+            for k, v in given.items()
+            if k != "episodes" and v != getattr(config, k)
+        ]
+        if args.encoder not in (None, saved["model"]):
+            differ.append(f"--encoder {args.encoder} (the run has {saved['model']})")
+        if differ:
+            raise UserInputError(
+                "cannot change settings when resuming: " + "; ".join(differ) + ". Leave them out "
+                "(only --episodes may change), or start a new run"
+            )
+        config.episodes = given.get("episodes", config.episodes)
+        name, preprocessing, model_kwargs = saved["model"], saved["preprocessing"], saved["model_kwargs"]
+    else:
+        values = {k: defaults[k] for k in ("ways", "shots", "queries")}
+        config = TrainConfig(**{**values, **given})
+        name, preprocessing, model_kwargs = args.encoder or "conv4", None, {}
+
+    torch.manual_seed(config.seed)
+    encoder = create_encoder(
+        name,
+        pretrained=args.pretrained and not args.resume,
+        device=device,
+        preprocessing=preprocessing,
+        **model_kwargs,
+    )
+    if args.image_size and not args.resume:
+        channels = encoder.preprocessing["input_size"][0]
+        pre = {**encoder.preprocessing, "input_size": [channels, args.image_size, args.image_size]}
+        encoder = Encoder(encoder.model, name, pre, device=device)
+    train = _load_images(args, split, encoder.preprocessing, "training images")
+    val = _load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
+    if val is None:
+        log.warning("no validation split: the last state is saved as the checkpoint")
+    meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
+    if val is not None:
+        meta["dataset"]["val"] = val.info
+    trainer = EpisodicTrainer(
+        encoder,
+        train,
+        val,
+        config,
+        output=args.output,
+        progress=not args.quiet,
+        model_kwargs=model_kwargs,
+        meta=meta,
+    )
+    if args.resume:
+        trainer.resume()
+    result = trainer.fit()
+    rate = result.step / result.elapsed_s if result.elapsed_s else 0.0
+    print(
+        f"trained {name} for {result.step} episodes in {result.elapsed_s:.0f} s "
+        f"({rate:.2f} episodes/s overall)"
+    )
+    if result.best_val_acc is not None:
+        print(
+            f"best validation ({config.val_ways}-way {config.val_shots}-shot, "
+            f"{config.val_episodes} episodes): {100 * result.best_val_acc:.2f}% at episode {result.best_step}"
+        )
+    print(f"checkpoint: {args.output}  (protonets eval --checkpoint {args.output} ...)")
+    sys.stdout.flush()
+    return 0

@@ -146,6 +146,8 @@ def test_auto_goes_approximate_past_the_limit_and_back():
     assert mem.structure == "flat"
     mem.add(x[1999:], y[1999:])
     assert mem.structure == "ivf" and mem.info()["trained_on"] == 3000
+    calibration = mem.info()["calibration"]  # nprobe picked against exact search
+    assert calibration["agreement"] >= 0.99 and mem.info()["nprobe"] == calibration["nprobe"]
     for label in list(mem.classes)[:22]:  # below half the limit: exact again
         mem.remove(label)
     assert mem.structure == "flat" and len(mem) < 1000
@@ -170,14 +172,14 @@ def test_remove_drops_a_class_everywhere(kind):
 
 
 def test_ivfpq_streamed_without_raw_vectors():
-    x, y, q, qy = _blobs(n=12_000)
-    mem = SupportMemory(32, index="ivfpq", keep_vectors=False, pq_m=8, nprobe=16, expected_size=12_000)
+    x, y, q, qy = _blobs(n=6000)
+    mem = SupportMemory(32, index="ivfpq", keep_vectors=False, pq_m=8, nprobe=16, expected_size=6000)
     with pytest.raises(ValueError, match="at least 2560 vectors"):
         mem.add(x[:500], y[:500])
-    mem.train(x[:10_000])
-    for start in range(0, 12_000, 3000):
-        mem.add(x[start : start + 3000], y[start : start + 3000])
-    assert mem.structure == "ivfpq" and len(mem) == 12_000
+    mem.train(x[:3000])
+    for start in range(0, 6000, 1500):
+        mem.add(x[start : start + 1500], y[start : start + 1500])
+    assert mem.structure == "ivfpq" and len(mem) == 6000
     assert (mem.classify(q, mode="knn")[0] == qy).mean() > 0.9
     with pytest.raises(ValueError, match="raw vectors"):
         mem.search(q, exact=True)

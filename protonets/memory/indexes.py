@@ -30,6 +30,18 @@ KMEANS_ITERATIONS = 10
 #: Fewest vectors an IVF (flat) / IVF-PQ index is trained on; below, search stays exact.
 MIN_TRAIN = {"ivf": 1_000, "ivfpq": 2_560}
 
+#: Most inverted lists sized automatically. Adding a vector costs nlist × dim multiply-adds
+#: (its nearest list): 10M × 512 into 16384 lists is ~170 TFLOP, over half an hour on 2 cores.
+MAX_AUTO_NLIST = 4096
+
+#: With kept vectors, nprobe is calibrated after training: the smallest of NPROBE_STEPS whose
+#: top-1 class agrees with exact search on TARGET_AGREEMENT of CALIBRATION_PROBES stored
+#: vectors used as leave-one-out queries. Measured at 1M × 512 (4096 lists): 4–8 probes suffice
+#: for well-grouped data, 16 for 100 confusable classes per group under isotropic noise.
+TARGET_AGREEMENT = 0.99
+CALIBRATION_PROBES = 500
+NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
 
 @dataclass
 class IndexParams:
@@ -52,14 +64,14 @@ def faiss_metric(metric: str) -> int:
 
 
 def nlist_for(n: int) -> int:
-    """Inverted lists for n vectors: the power of two nearest 4·√n, within [16, 65536]."""
+    """Inverted lists for n vectors: the power of two nearest 4·√n, within [16, MAX_AUTO_NLIST]."""
     target = 4 * math.sqrt(max(n, 1))
-    return int(min(65536, max(16, 2 ** round(math.log2(target)))))
+    return int(min(MAX_AUTO_NLIST, max(16, 2 ** round(math.log2(target)))))
 
 
 def nprobe_for(nlist: int) -> int:
-    """Lists probed per query: 8 of 4096 gave ≥ 0.99 class agreement at 1M (scaled with √nlist)."""
-    return max(1, min(nlist, round(8 * math.sqrt(nlist / 4096))))
+    """Uncalibrated default (no kept vectors): 16 of 4096 lists, scaled with √nlist."""
+    return max(1, min(nlist, round(16 * math.sqrt(nlist / 4096))))
 
 
 def pq_m_for(dim: int) -> int:
@@ -85,6 +97,7 @@ def new_index(kind: str, dim: int, metric: str, params: IndexParams, n: int) -> 
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, params.pq_m or pq_m_for(dim), 8, fm)
         index.do_polysemous_training = False  # slow, and unused by our searches
         index.pq.cp.min_points_per_centroid = 1  # small samples are deliberate: no warnings
+        index.pq.cp.niter = KMEANS_ITERATIONS
     else:
         raise ValueError(f"unknown index kind '{kind}'")
     index.cp.niter = KMEANS_ITERATIONS
@@ -120,14 +133,16 @@ def add(index: faiss.Index, x: np.ndarray, first_id: int) -> None:
         index.add_with_ids(x, np.arange(first_id, first_id + len(x), dtype=np.int64))
 
 
-def search_params(index: faiss.Index, params: IndexParams, alive: np.ndarray | None):
+def search_params(
+    index: faiss.Index, params: IndexParams, alive: np.ndarray | None, nprobe: int | None = None
+):
     """Per-call search parameters (thread-safe: the index itself is never modified).
 
     `alive` is a bitmap (np.packbits, little bit order) of ids still in the memory; HNSW cannot
     delete, so removed ids are filtered out during its search.
     """
     if isinstance(index, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=params.nprobe or nprobe_for(index.nlist))
+        return faiss.SearchParametersIVF(nprobe=nprobe or nprobe_for(index.nlist))
     p = faiss.SearchParametersHNSW(efSearch=params.ef_search)
     if alive is not None:
         selector = faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(alive))

@@ -170,6 +170,7 @@ class SupportMemory:
         self._counts = np.zeros(0, np.int64)
         self._index: faiss.Index | None = None
         self._trained_on = 0
+        self._calibration: dict[str, Any] | None = None  # nprobe picked after training
         self._table: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
 
     # -- what it holds -------------------------------------------------------------------
@@ -217,8 +218,10 @@ class SupportMemory:
             }
             if isinstance(self._index, faiss.IndexIVF):
                 out["nlist"] = int(self._index.nlist)
-                out["nprobe"] = self.params.nprobe or indexes.nprobe_for(self._index.nlist)
+                out["nprobe"] = self._nprobe()
                 out["trained_on"] = self._trained_on
+                if self._calibration and not self.params.nprobe:
+                    out["calibration"] = self._calibration
                 if isinstance(self._index, faiss.IndexIVFPQ):
                     out["pq_m"] = int(self._index.pq.M)
                     out["rerank"] = self.params.rerank
@@ -301,13 +304,15 @@ class SupportMemory:
 
     # -- reading -------------------------------------------------------------------------
     def search(
-        self, queries: Any, k: int = 10, exact: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, queries: Any, k: int = 10, exact: bool = False, return_ids: bool = False
+    ) -> tuple[np.ndarray, ...]:
         """The k nearest stored vectors of each query: (scores `[Q, k]`, labels `[Q, k]`).
 
         Scores are cosine similarities or negative squared distances, best first. Labels are
         class names (object array); where fewer than k were found, score -inf and label None.
         `exact=True` searches the kept vectors exhaustively, ignoring the index.
+        `return_ids=True` adds the row ids `[Q, k]` (-1: none), in insertion order; they stay
+        valid until a remove() or rebuild() compacts the memory.
         """
         q = self._queries(queries)
         k = self._check_k(k)
@@ -319,7 +324,7 @@ class SupportMemory:
             names = np.empty(len(self._names), dtype=object)
             names[:] = self._names
             labels[found] = names[self._labels[ids[found]]]
-        return scores, labels
+        return (scores, labels, ids) if return_ids else (scores, labels)
 
     def classify(
         self, queries: Any, mode: str = "prototype", k: int = 10
@@ -378,6 +383,7 @@ class SupportMemory:
                 "exact_limit": self.exact_limit,
                 "expected_size": self.expected_size,
                 "trained_on": self._trained_on,
+                "calibration": self._calibration,
                 "params": self.params.to_json(),
             }
             files = {
@@ -485,6 +491,7 @@ class SupportMemory:
         mem._sums, mem._counts = sums.copy(), counts.copy()
         mem._n, mem._count = n, len(alive)
         mem._trained_on = int(m["trained_on"])
+        mem._calibration = m["calibration"]
         return mem
 
     # -- internals: storage ----------------------------------------------------------------
@@ -561,6 +568,37 @@ class SupportMemory:
             for start in range(0, self._n, _ADD_BLOCK):
                 indexes.add(index, self._vectors[start : start + _ADD_BLOCK], start)
             self._index = index
+            if isinstance(index, faiss.IndexIVF):
+                self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Pick nprobe: the fewest lists whose top-1 class agrees with exact search on
+        TARGET_AGREEMENT of a sample of stored vectors, each queried leaving itself out."""
+        rows = indexes.sample_rows(self._n, min(indexes.CALIBRATION_PROBES, self._n), seed=1)
+        rows = rows[self._labels[rows] >= 0]
+        probes = self._vectors[rows]
+
+        def best_other(ids: np.ndarray) -> np.ndarray:
+            return np.where(ids[:, 0] == rows, ids[:, 1], ids[:, 0])
+
+        want = self._labels[best_other(self._exact(probes, 2)[1])]
+        self._calibration = None
+        nlist = self._index.nlist
+        for nprobe in [p for p in indexes.NPROBE_STEPS if p < nlist] + [nlist]:
+            self._calibration = {"nprobe": nprobe, "probes": len(rows)}
+            got = best_other(self._search_ids(probes, 2, exact=False)[1])
+            agreement = float(np.mean((got >= 0) & (self._labels[np.maximum(got, 0)] == want)))
+            self._calibration["agreement"] = round(agreement, 4)
+            if agreement >= indexes.TARGET_AGREEMENT:
+                break
+
+    def _nprobe(self) -> int:
+        """Lists probed per query: as given, else as calibrated, else the sized default."""
+        if self.params.nprobe:
+            return self.params.nprobe
+        if self._calibration:
+            return int(self._calibration["nprobe"])
+        return indexes.nprobe_for(self._index.nlist)
 
     def _trained_index(self, data: np.ndarray, size: int) -> faiss.Index:
         """A new index of this memory's kind, trained on a sample of `data`, sized for `size`."""
@@ -575,6 +613,7 @@ class SupportMemory:
         if n_train:
             index.train(data[indexes.sample_rows(len(data), n_train)])
         self._trained_on = size
+        self._calibration = None
         return index
 
     # -- internals: search -----------------------------------------------------------------
@@ -605,7 +644,8 @@ class SupportMemory:
         alive = None
         if isinstance(self._index, faiss.IndexHNSW) and self._n > self._count:
             alive = np.packbits(self._labels[: self._n] >= 0, bitorder="little")
-        params = indexes.search_params(self._index, self.params, alive)
+        nprobe = self._nprobe() if isinstance(self._index, faiss.IndexIVF) else None
+        params = indexes.search_params(self._index, self.params, alive, nprobe)
         rerank = self.params.rerank if isinstance(self._index, faiss.IndexIVFPQ) else 0
         fetch = k * rerank if rerank and self._vectors is not None else k
         dist, ids = self._index.search(q, fetch, params=params)

@@ -1,0 +1,258 @@
+"""Benchmark the FAISS support memory against exact brute force, side by side in one run.
+
+Part 1 (default): N support vectors (1,000,000 × 512) in overlapping clusters, Q queries
+(10,000). Methods: exact torch brute force (the reference), faiss IndexFlatIP, and
+`SupportMemory(index="auto")`. For each: build time, resident memory added, queries/s,
+recall@1 (same nearest vector as exact) and top-1 class agreement with exact, and the
+queries/s ratio to brute force.
+
+Part 2 (`--ivfpq-10m`): an `ivfpq` memory of 10,000,000 × 512 (`--big-n`) added in streamed
+chunks generated on the fly (the raw vectors, 20 GB, are never held), with peak resident memory,
+build time, queries/s, and recall / class agreement against an exact streamed brute force.
+
+Data: classes are grouped (`--group` classes per group); a class centre is its group centre plus
+`--spread` noise, a vector is its class centre plus `--noise` noise (all scaled by 1/√dim), then
+L2-normalised. Classes of one group overlap, so exact 1-NN finds the query's class only
+60–90% of the time (printed): agreement on well-separated clusters would prove nothing.
+Defaults: groups of 10 classes (76% exact 1-NN accuracy at 1M). A harder variant,
+`--group 100 --spread 0.35 --noise 1.1` (77%), spreads each class's neighbours over many more
+inverted lists; `auto` then calibrates a larger nprobe and gains less over brute force.
+
+    python scripts/bench_memory.py                 # part 1, defaults of issue 4
+    python scripts/bench_memory.py --ivfpq-10m     # part 2 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import faiss
+import numpy as np
+import torch
+
+from protonets import SupportMemory
+
+
+def rss_gib() -> float:
+    """Current resident memory of this process (GiB)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory since the last `reset_peak()` (GiB)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+class Data:
+    """Seeded clustered vectors, generated chunk by chunk (row i has class i % classes)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.dim, self.classes, self.noise, self.seed = args.dim, args.classes, args.noise, args.seed
+        g = torch.Generator().manual_seed(args.seed)
+        groups = (args.classes + args.group - 1) // args.group
+        scale = args.dim**-0.5
+        group_centres = torch.randn(groups, args.dim, generator=g) * scale
+        self.centres = group_centres.repeat_interleave(args.group, 0)[: args.classes]
+        self.centres += args.spread * scale * torch.randn(args.classes, args.dim, generator=g)
+
+    def chunk(self, start: int, n: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + stream * 1_000_003 + start)
+        labels = torch.arange(start, start + n) % self.classes
+        x = self.centres[labels] + self.noise * self.dim**-0.5 * torch.randn(n, self.dim, generator=g)
+        return torch.nn.functional.normalize(x, dim=1).numpy(), labels.numpy()
+
+    def block(self, n: int, stream: int, chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        out = np.empty((n, self.dim), np.float32)
+        labels = np.empty(n, np.int64)
+        for start in range(0, n, chunk):
+            out[start : start + chunk], labels[start : start + chunk] = self.chunk(
+                start, min(chunk, n - start), stream
+            )
+        return out, labels
+
+
+def brute_force(q: np.ndarray, x: np.ndarray, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-1 by blocked torch matrix products: (scores [Q], ids [Q])."""
+    xt = torch.from_numpy(x)
+    scores, ids = [], []
+    for start in range(0, len(q), block):
+        s, i = (torch.from_numpy(q[start : start + block]) @ xt.T).max(1)
+        scores.append(s)
+        ids.append(i)
+    return torch.cat(scores).numpy(), torch.cat(ids).numpy()
+
+
+def report(name: str, build_s: float, rss: float, qps: float, base_qps: float,
+           ids: np.ndarray, exact_ids: np.ndarray, labels: np.ndarray, note: str = "") -> None:
+    recall = (ids == exact_ids).mean()
+    agree = (labels[np.maximum(ids, 0)] == labels[exact_ids]).mean()
+    print(
+        f"{name:<26} {build_s:>8.1f} {rss:>8.2f} {qps:>10.0f} {qps / base_qps:>7.1f}x "
+        f"{recall:>9.4f} {agree:>9.4f}  {note}",
+        flush=True,
+    )
+
+
+def header() -> None:
+    print(
+        f"{'method':<26} {'build s':>8} {'RSS GiB':>8} {'queries/s':>10} {'vs bf':>8} "
+        f"{'recall@1':>9} {'agree@1':>9}"
+    )
+
+
+def part_one(args: argparse.Namespace) -> None:
+    data = Data(args)
+    t0 = time.perf_counter()
+    x, y = data.block(args.n, stream=0)
+    q, qy = data.block(args.queries, stream=1)
+    print(f"data: {args.n:,} × {args.dim} support vectors, {args.classes:,} classes "
+          f"(groups of {args.group}), {args.queries:,} queries; generated in "
+          f"{time.perf_counter() - t0:.0f}s; threads: {args.threads}", flush=True)
+    print(f"process RSS with the raw data: {rss_gib():.2f} GiB", flush=True)
+    header()
+
+    t0 = time.perf_counter()
+    _, exact = brute_force(q, x)
+    base = args.queries / (time.perf_counter() - t0)
+    report("exact torch brute force", 0.0, 0.0, base, base, exact, exact, y)
+    print(f"  exact 1-NN finds the query's class for {(y[exact] == qy).mean():.1%} of queries "
+          "(overlapping clusters: 60–90% wanted)", flush=True)
+
+    nf = min(args.flat_queries, args.queries)
+    before = rss_gib()
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(args.dim)
+    flat.add(x)
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, ids = flat.search(q[:nf], 1)
+    qps = nf / (time.perf_counter() - t0)
+    report("faiss IndexFlatIP", build, rss_gib() - before, qps, base, ids[:, 0], exact[:nf], y,
+           f"(first {nf:,} queries)" if nf < args.queries else "")
+    del flat
+
+    before = rss_gib()
+    t0 = time.perf_counter()
+    memory = SupportMemory(args.dim, "cosine", "auto")
+    for start in range(0, args.n, args.chunk):
+        memory.add(x[start : start + args.chunk], y[start : start + args.chunk])
+    build = time.perf_counter() - t0
+    rss = rss_gib() - before
+    info = memory.info()
+    t0 = time.perf_counter()
+    _, _, ids = memory.search(q, k=1, return_ids=True)
+    qps = args.queries / (time.perf_counter() - t0)
+    report("SupportMemory auto", build, rss, qps, base, ids[:, 0], exact, y)
+    print(f"  auto chose {info['structure']}: "
+          + ", ".join(f"{k}={info[k]}" for k in ("nlist", "nprobe", "trained_on", "calibration")
+                      if k in info), flush=True)
+
+    t0 = time.perf_counter()
+    labels, _ = memory.classify(q, mode="prototype")
+    pqps = args.queries / (time.perf_counter() - t0)
+    print(f"  classify(mode='prototype') over {len(memory.classes):,} class means: "
+          f"{pqps:.0f} queries/s ({pqps / base:.1f}x), accuracy {(labels == qy).mean():.1%} "
+          f"(exact 1-NN: {(y[exact] == qy).mean():.1%})", flush=True)
+    for nprobe in args.sweep:
+        memory.params.nprobe = nprobe
+        t0 = time.perf_counter()
+        _, _, ids = memory.search(q, k=1, return_ids=True)
+        qps = args.queries / (time.perf_counter() - t0)
+        report(f"  same index, nprobe {nprobe}", 0.0, 0.0, qps, base, ids[:, 0], exact, y)
+
+
+def part_two(args: argparse.Namespace) -> None:
+    data = Data(args)
+    n, nq = args.big_n, args.big_queries
+    q, _ = data.block(nq, stream=1)
+    reset_peak()
+    start_rss = rss_gib()
+    print(f"ivfpq part: {n:,} × {args.dim} vectors streamed in chunks of {args.chunk:,} "
+          f"(raw size {n * args.dim * 4 / 2**30:.1f} GiB), {nq:,} queries; threads {args.threads}",
+          flush=True)
+    t0 = time.perf_counter()
+    memory = SupportMemory(args.dim, "cosine", "ivfpq", keep_vectors=False, expected_size=n)
+    sample, _ = data.block(min(n, args.train), stream=2)
+    memory.train(sample)
+    del sample
+    train_s = time.perf_counter() - t0
+    print(f"  trained on {min(n, args.train):,} vectors in {train_s:.0f}s "
+          f"({memory.info()})", flush=True)
+    for start in range(0, n, args.chunk):
+        x, y = data.chunk(start, min(args.chunk, n - start))
+        memory.add(x, y)
+        if (start // args.chunk) % 10 == 9:
+            print(f"  added {start + len(x):,} in {time.perf_counter() - t0:.0f}s, "
+                  f"RSS {rss_gib():.2f} GiB", flush=True)
+    build = time.perf_counter() - t0
+    peak = peak_rss_gib()
+    t0 = time.perf_counter()
+    _, _, ids = memory.search(q, k=1, return_ids=True)
+    qps = nq / (time.perf_counter() - t0)
+    # exact reference, streamed the same way: running best over chunks
+    t0 = time.perf_counter()
+    best_s = np.full(nq, -np.inf, np.float32)
+    best_i = np.zeros(nq, np.int64)
+    for start in range(0, n, args.chunk):
+        x, _ = data.chunk(start, min(args.chunk, n - start))
+        s, i = brute_force(q, x)
+        better = s > best_s
+        best_s[better], best_i[better] = s[better], i[better] + start
+    base = nq / (time.perf_counter() - t0)  # includes regenerating the chunks: an upper bound
+    labels_of = np.arange(n) % args.classes if n <= 50_000_000 else None
+    print(f"  build {build:.0f}s, peak RSS {peak:.2f} GiB (process at start {start_rss:.2f} GiB; "
+          f"limit 8 GiB), index {memory.info()}", flush=True)
+    header()
+    report("ivfpq (no raw vectors)", build, peak, qps, base, ids[:, 0], best_i, labels_of,
+           "(vs streamed brute force incl. data generation)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000, help="support vectors (part 1)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--classes", type=int, default=10_000)
+    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--group", type=int, default=10, help="overlapping classes per group")
+    p.add_argument("--spread", type=float, default=0.3, help="class centres around group centre")
+    p.add_argument("--noise", type=float, default=1.2, help="vectors around class centre")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch and faiss threads (all methods)")
+    p.add_argument("--chunk", type=int, default=100_000, help="vectors per add() call")
+    p.add_argument("--flat-queries", type=int, default=2_000,
+                   help="queries timed for faiss flat (it is as slow as brute force)")
+    p.add_argument("--sweep", type=int, nargs="*", default=[], help="extra nprobe values to time")
+    p.add_argument("--ivfpq-10m", action="store_true", help="run part 2 (only)")
+    p.add_argument("--big-n", type=int, default=10_000_000, help="vectors in part 2")
+    p.add_argument("--big-queries", type=int, default=1_000, help="queries in part 2")
+    p.add_argument("--train", type=int, default=262_144, help="training sample in part 2")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.ivfpq_10m:
+        part_two(args)
+    else:
+        part_one(args)
+
+
+if __name__ == "__main__":
+    main()

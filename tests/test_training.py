@@ -172,6 +172,16 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     assert manifest(straight)["fingerprint"] == manifest(stopped)["fingerprint"]
 
 
+def test_fit_again_goes_on_from_the_last_weights(data):
+    """fit() leaves the best weights in the encoder; a second fit() with more episodes continues."""
+    straight = trainer(data).fit()
+    t = trainer(data, episodes=8)
+    t.fit()
+    t.config.episodes = 12
+    again = t.fit()
+    assert _strip(again.history) == _strip(straight.history)
+
+
 def test_resume_without_the_saved_rng_state_differs(data, tmp_path):
     """Control for the test above: the sampler's saved RNG state is what makes resume exact."""
     trainer(data, tmp_path / "a", episodes=8).fit()

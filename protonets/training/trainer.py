@@ -154,6 +154,7 @@ class EpisodicTrainer:
         self._data_signature = train.signature()
         self._started = False
         self._tick = time.perf_counter()
+        self._last_state: dict[str, torch.Tensor] | None = None
 
     # -- one step --------------------------------------------------------------------------------
     def _episode_logits(
@@ -341,6 +342,9 @@ class EpisodicTrainer:
             self.model.train()
             if cfg.val_at_start and self.val_set is not None:
                 self._checkpoint({"step": 0, "lr": cfg.lr_at(0)})
+        if self._last_state is not None:  # fit() again: go on from the last weights, not the best
+            self.model.load_state_dict(self._last_state)
+            self._last_state = None
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         acc_sum = torch.zeros((), device=self.device)
@@ -399,7 +403,8 @@ class EpisodicTrainer:
         if self.best_state is None and self.output is not None:
             saved = read_checkpoint_dir(self.output)
             self.best_state = load_state_dict_file(saved["weights_file"])
-        if self.best_state is not None:
+        if self.best_state is not None and self.best["step"] != self.step:
+            self._last_state = copy.deepcopy(self.model.state_dict())
             self.model.load_state_dict(copy.deepcopy(self.best_state))
         self.model.eval()
         fingerprint = ckpt.model_fingerprint(self.model, self.encoder.name, self.encoder.preprocessing)

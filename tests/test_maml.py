@@ -264,7 +264,7 @@ def test_memory_stays_flat_over_many_meta_steps():
 def test_linear_regression_tasks_one_adapted_copy_per_task():
     """A 1→1 linear base learner per task (y = a·x + b), meta-learned initialisation, MSE."""
     g = torch.Generator().manual_seed(0)
-    learner = MetaLearner(nn.Linear(1, 1), loss_fn=F.mse_loss, steps=1, lr=0.3)
+    learner = MetaLearner(nn.Linear(1, 1), loss_fn=F.mse_loss, steps=1, lr=0.3, vmap=True)
     opt = torch.optim.Adam(learner.parameters(), lr=0.02)
 
     def tasks(n: int) -> tuple[TaskBatch, torch.Tensor]:
@@ -298,7 +298,7 @@ def test_sinusoid_regression_adaptation_improves_after_meta_training():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
-    learner = MetaLearner(net, loss_fn=F.mse_loss, steps=1, lr=0.01)
+    learner = MetaLearner(net, loss_fn=F.mse_loss, steps=1, lr=0.01, vmap=True)  # tiny model: vmap wins
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
     def tasks(n: int) -> TaskBatch:

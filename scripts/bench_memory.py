@@ -152,8 +152,7 @@ def part_one(args: argparse.Namespace) -> None:
     before = rss_gib()
     t0 = time.perf_counter()
     memory = SupportMemory(args.dim, "cosine", "auto")
-    for start in range(0, args.n, args.chunk):
-        memory.add(x[start : start + args.chunk], y[start : start + args.chunk])
+    memory.add(x, y)  # one bulk add: auto sizes and trains its index for all of it
     build = time.perf_counter() - t0
     rss = rss_gib() - before
     info = memory.info()
@@ -243,7 +242,7 @@ def main() -> None:
     p.add_argument("--ivfpq-10m", action="store_true", help="run part 2 (only)")
     p.add_argument("--big-n", type=int, default=10_000_000, help="vectors in part 2")
     p.add_argument("--big-queries", type=int, default=1_000, help="queries in part 2")
-    p.add_argument("--train", type=int, default=262_144, help="training sample in part 2")
+    p.add_argument("--train", type=int, default=65_536, help="training sample in part 2")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

@@ -249,9 +249,10 @@ class SupportMemory:
             self._append(x, slots)
             if self._index is not None:
                 indexes.add(self._index, x, first)
-            torch.from_numpy(self._sums).index_add_(
-                0, torch.from_numpy(slots.astype(np.int64)), torch.from_numpy(x).double()
-            )
+            sums, index = torch.from_numpy(self._sums), torch.from_numpy(slots.astype(np.int64))
+            for start in range(0, len(x), _ADD_BLOCK):  # float64 copies stay small
+                rows = slice(start, start + _ADD_BLOCK)
+                sums.index_add_(0, index[rows], torch.from_numpy(x[rows]).double())
             self._counts += np.bincount(slots, minlength=len(self._counts))
             self._table = None
             self._restructure()
@@ -561,7 +562,7 @@ class SupportMemory:
             return
         stale = force or self._index is None or indexes.kind_of(self._index) != target
         if not stale and isinstance(self._index, faiss.IndexIVF) and self.params.nlist is None:
-            stale = indexes.nlist_for(self._count) >= 2 * self._index.nlist  # grew ~4×
+            stale = self._count >= 4 * self._trained_on  # grew 4× since it was sized
         if stale:
             self._compact()
             index = self._trained_index(self._vectors[: self._n], max(self._n, self.expected_size or 0))

@@ -138,4 +138,4 @@ def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
     return float(acc.mean()), float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc)))
 
 
-from . import maml_methods  # noqa: E402, F401  (registers the MAML-path methods)
+from . import maml_methods, siamese_methods  # noqa: E402, F401  (register the MAML-path and Siamese methods)

@@ -29,6 +29,7 @@ from encoders.atomic import load_bundle, save_bundle
 
 from .heads import create_head
 from .maml import head as _maml_head  # noqa: F401  (registers the 'maml' head)
+from .siamese import head as _siamese_head  # noqa: F401  (registers the 'siamese' head)
 
 FORMAT_VERSION = 1
 KIND = "protonets.FewShotClassifier"
@@ -62,7 +63,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     ----------
     encoder: timm model name, or an `encoders.Encoder` to share one already built.
     checkpoint: local weights file for `encoder` (safetensors or a torch state dict).
-    head: registered head name ('prototype').
+    head: registered head name ('prototype', 'maml', or 'siamese' with a Siamese `checkpoint` folder).
     metric: 'cosine' or 'euclidean'.
     feature_transform: None, 'l2n' or 'cl2n' (SimpleShot: centre on the support mean, then L2).
     scale: cosine logit scale (softmax temperature).
@@ -200,6 +201,16 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         if self.head == "maml":
             options = {"steps": self.steps, "lr": self.inner_lr}
             head_kwargs.update({k: v for k, v in options.items() if v is not None})
+        if self.head == "siamese":  # a trained head: it comes with the checkpoint folder
+            from .siamese import load_siamese_head
+
+            if self.checkpoint is None or not os.path.isdir(self.checkpoint):
+                raise UserInputError(
+                    "head='siamese' needs checkpoint=DIR, a Siamese checkpoint folder "
+                    "(`protonets train --method siamese --output DIR`)"
+                )
+            self.head_ = load_siamese_head(self.checkpoint)[0].fit(x, torch.from_numpy(y_index))
+            return self
         self.head_ = create_head(self.head, **head_kwargs).fit(x, torch.from_numpy(y_index))
         return self
 

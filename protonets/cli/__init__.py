@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from encoders.errors import UserInputError
 
 #: Sub-command modules inside protonets.cli; each has `add_parser(subparsers)` and `run(args)`.
-COMMANDS = ["classify", "evaluate", "memory", "train"]
+COMMANDS = ["classify", "evaluate", "memory", "train", "verify"]
 
 
 def build_parser() -> argparse.ArgumentParser:

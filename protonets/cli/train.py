@@ -45,6 +45,7 @@ CONFIG_OPTIONS = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from protonets.siamese.cli import add_train_options as add_siamese_options
     from protonets.training import AUGMENTATIONS
 
     p = sub.add_parser(
@@ -55,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Writes DIR/manifest.json + weights (load with --checkpoint DIR), DIR/train_log.jsonl and "
         "DIR/resume/.",
     )
-    p.add_argument("--method", choices=["protonet"], default="protonet")
+    p.add_argument("--method", choices=["protonet", "siamese"], default="protonet")
     p.add_argument("--dataset", choices=["folder", "omniglot", "csv"], default="folder")
     p.add_argument("--data", required=True, help="dataset root folder (images)")
     p.add_argument(
@@ -104,6 +105,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bars or warnings")
+    add_siamese_options(p)  # --method siamese (protonets/siamese/cli.py)
     p.set_defaults(run=run)
 
 
@@ -140,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
     from protonets.training import EpisodicTrainer, TrainConfig
     from protonets.training.checkpoint import load_state
 
+    if args.method == "siamese":  # the Siamese head's own branch (protonets/siamese/cli.py)
+        from protonets.siamese.cli import run_train
+
+        return run_train(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

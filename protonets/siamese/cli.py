@@ -1,0 +1,208 @@
+"""`protonets train --method siamese`: the Siamese branch of the train command.
+
+Two modes: the encoder and head together on images (`SiameseTrainer`), or `--freeze-encoder`:
+the head alone on the frozen encoder's cached embeddings (`train_head`), for any timm encoder.
+Both write a Siamese checkpoint folder (encoder weights + head + calibrated threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+import torch
+
+from encoders import DEFAULT_ENCODER, create_encoder
+from encoders.errors import UserInputError
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `protonets train` that only `--method siamese` reads."""
+    g = parser.add_argument_group("siamese (--method siamese)")
+    g.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="train the head alone on the frozen --encoder's cached embeddings (default encoder: "
+        f"{DEFAULT_ENCODER}, pretrained)",
+    )
+    g.add_argument("--loss", choices=["bce", "contrastive"], default="bce", help="pair loss (default bce)")
+    g.add_argument("--hard-fraction", type=float, default=0.5, help="share of hardest negatives (0.5)")
+    g.add_argument(
+        "--proto-weight", type=float, default=1.0, help="weight of the ProtoNet loss on each batch (1.0)"
+    )
+    g.add_argument("--hidden", type=int, default=128, help="head MLP width; 0 = Koch's weighted L1")
+    g.add_argument("--no-product", action="store_true", help="pair features |a-b| only (no a*b)")
+    g.add_argument("--reduce", choices=["max", "mean"], default="max", help="class score over supports")
+    g.add_argument("--affine", action="store_true", help="Koch's random affine distortions")
+    g.add_argument("--far", type=float, default=0.01, help="false-accept rate to calibrate for (0.01)")
+    g.add_argument("--cache-dir", default=None, help="embedding cache for --freeze-encoder")
+
+
+def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) -> int:
+    from eval.datasets import load_dataset
+    from eval.run import embed_dataset
+
+    from ..training.checkpoint import append_log
+    from .checkpoint import save_siamese_checkpoint
+    from .training import random_pairs, train_head
+
+    start = time.time()
+    if args.resume:
+        raise UserInputError("--freeze-encoder trains in seconds; start again instead of --resume")
+    name = args.encoder or DEFAULT_ENCODER
+    encoder = create_encoder(name, pretrained=True, device=args.device)
+    sets = {"train": load_dataset(args.dataset, args.data, split)}
+    if val_split:
+        sets["val"] = load_dataset(args.dataset, args.data, val_split)
+    emb = {
+        k: embed_dataset(d, encoder, cache_dir=args.cache_dir, progress=not args.quiet)
+        for k, d in sets.items()
+    }
+    labels = {k: torch.from_numpy(d.labels) for k, d in sets.items()}
+    head, history = train_head(
+        emb["train"],
+        labels["train"],
+        emb.get("val"),
+        labels.get("val"),
+        steps=args.episodes or 1000,
+        classes=args.ways or 32,
+        per_class=(args.shots or 2) + (args.queries or 2),
+        lr=args.lr or 1e-3,
+        loss=args.loss,
+        hard_fraction=args.hard_fraction,
+        val_every=args.val_every or 100,
+        seed=args.seed or 0,
+        progress=not args.quiet,
+        hidden=args.hidden,
+        product=not args.no_product,
+        reduce=args.reduce,
+        normalize=True,
+    )
+    held = "val" if "val" in emb else "train"
+    a, b, same = random_pairs(labels[held], 5000, (args.seed or 0) + 7)
+    calibration = head.calibrate(emb[held][a], emb[held][b], same, args.far)
+    extra: dict[str, Any] = {
+        "method": "siamese",
+        "frozen_encoder": True,
+        "training": {"log": history, "steps": args.episodes or 1000, "loss": args.loss},
+        "calibration": {**calibration, "pairs": held},
+        "dataset": {
+            "kind": args.dataset,
+            "root": os.path.abspath(args.data),
+            "split": split,
+            "val": val_split,
+        },
+    }
+    save_siamese_checkpoint(args.output, encoder, head, extra)
+    for record in history:
+        append_log(args.output, record)
+    last = history[-1] if history else {}
+    print(f"trained the Siamese head on frozen {name} embeddings in {time.time() - start:.0f} s")
+    if "val_auc" in last:
+        print(f"validation pair ROC AUC: {max(r['val_auc'] for r in history):.4f}")
+    print(
+        f"threshold for FAR {args.far:g} on {held} pairs: {calibration['threshold']:.3f} "
+        f"(FAR {calibration['far']:.4f}, TAR {calibration['tar']:.4f}, AUC {calibration['auc']:.4f})"
+    )
+    print(
+        f"checkpoint: {args.output}  (PROTONETS_SIAMESE_HEAD={args.output} protonets eval --method siamese)"
+    )
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`protonets train --method siamese ...`."""
+    from protonets.cli.train import DEFAULTS, _check_output, _given, _load_images
+
+    from .training import SiameseConfig, SiameseTrainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _check_output(args)
+    defaults = DEFAULTS[args.dataset]
+    split = args.split or defaults["split"]
+    val_split = args.val_split or defaults["val_split"]
+    if val_split is not None and val_split.lower() == "none":
+        val_split = None
+    if args.freeze_encoder:
+        return _frozen(args, split, val_split)
+    given = {k: v for k, v in _given(args).items() if k not in ("metric", "augment")}
+    extra = {
+        "loss": args.loss,
+        "hard_fraction": args.hard_fraction,
+        "proto_weight": args.proto_weight,
+        "hidden": args.hidden,
+        "product": not args.no_product,
+        "reduce": args.reduce,
+        "augment": "affine" if args.affine else (args.augment or "none"),
+    }
+    if args.resume:
+        from protonets.training.checkpoint import load_state
+
+        saved, _ = load_state(args.output)
+        config = SiameseConfig.from_dict(saved["config"])
+        config.episodes = given.get("episodes", config.episodes)
+        name, preprocessing = saved["model"], saved["preprocessing"]
+    else:
+        config = SiameseConfig(**{**extra, **given})
+        name, preprocessing = args.encoder or "conv4", None
+    torch.manual_seed(config.seed)
+    encoder = create_encoder(
+        name, pretrained=args.pretrained and not args.resume, device=args.device, preprocessing=preprocessing
+    )
+    train = _load_images(args, split, encoder.preprocessing, "training images")
+    val = _load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
+    meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
+    trainer = SiameseTrainer(
+        encoder, train, val, config, output=args.output, progress=not args.quiet, meta=meta
+    )
+    if args.resume:
+        trainer.resume()
+    result = trainer.fit()
+    if val is not None:
+        calibrate_on_images(trainer, val, args.far, config.seed, args.output)
+    print(f"trained {name} + Siamese head for {result.step} steps in {result.elapsed_s:.0f} s")
+    if result.best_val_acc is not None:
+        print(
+            f"best validation ({config.val_ways}-way {config.val_shots}-shot): "
+            f"{100 * result.best_val_acc:.2f}% at step {result.best_step}"
+        )
+    print(f"checkpoint: {args.output}")
+    return 0
+
+
+def calibrate_on_images(
+    trainer: Any, val: Any, far: float, seed: int, output: str | None
+) -> dict[str, float]:
+    """Calibrate a trained `SiameseTrainer`'s head on pairs of the validation images; re-save."""
+    from protonets.training import to_input
+
+    from .checkpoint import save_siamese_checkpoint
+    from .training import random_pairs
+
+    encoder = trainer.encoder
+    with torch.no_grad():
+        chunks = [
+            encoder.features(to_input(val.images[i : i + 1000].to(trainer.device), encoder.preprocessing))
+            for i in range(0, len(val), 1000)
+        ]
+    emb = torch.cat(chunks).float()
+    a, b, same = random_pairs(val.labels, 5000, seed + 7)
+    calibration = trainer.head.calibrate(emb[a], emb[b], same, far)
+    print(
+        f"threshold for FAR {far:g} on validation pairs: {calibration['threshold']:.3f} "
+        f"(FAR {calibration['far']:.4f}, TAR {calibration['tar']:.4f}, AUC {calibration['auc']:.4f})"
+    )
+    if output is not None:
+        extra = {
+            "method": "siamese",
+            "training": trainer.config.to_dict(),
+            "step": trainer.best["step"],
+            "validation": {k: v for k, v in trainer.best.items() if k != "step"},
+            "calibration": calibration,
+            **trainer.meta,
+        }
+        save_siamese_checkpoint(output, encoder, trainer.head, extra, trainer.model_kwargs)
+    return calibration

@@ -33,8 +33,8 @@ class MAMLHead(Head):
         metric: str = "cosine",
         feature_transform: str | None = None,
         scale: float = 10.0,
-        steps: int = 10,
-        lr: float = 0.5,
+        steps: int = 20,
+        lr: float = 1.0,
     ) -> None:
         super().__init__()
         if metric not in METRICS:

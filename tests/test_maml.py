@@ -422,3 +422,79 @@ def test_bad_arguments_name_the_argument():
     learner = MetaLearner(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="leading task dimension"):
         learner.predict(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), torch.zeros(3, 2))
+
+
+# -- meta-training on the episodic trainer -------------------------------------------------------
+def _image_sets():
+    from protonets.training import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (60, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.arange(10).repeat_interleave(6)
+    return ImageSet(images[:36], labels[:36]), ImageSet(images[36:], labels[36:])
+
+
+def test_meta_trainer_checkpoint_log_load_and_resume(tmp_path):
+    from encoders import create_encoder
+    from protonets.maml.train import MetaConfig, MetaTrainer, load_meta_learner
+    from protonets.training import TrainConfig, read_log
+
+    train, val = _image_sets()
+    config = TrainConfig(
+        ways=3,
+        shots=1,
+        queries=2,
+        episodes=4,
+        val_ways=3,
+        val_shots=1,
+        val_queries=2,
+        val_episodes=4,
+        val_every=2,
+    )
+    meta = MetaConfig(method="anil", meta_batch=2, inner_steps=1, eval_inner_steps=2, meta_sgd=True)
+
+    def trainer(episodes: int) -> MetaTrainer:
+        cfg = TrainConfig(**{**config.to_dict(), "episodes": episodes})
+        torch.manual_seed(0)  # as `protonets train` does before building the model
+        encoder = create_encoder("conv4", pretrained=False)
+        return MetaTrainer(encoder, train, val, cfg, meta, output=tmp_path / "run", progress=False)
+
+    straight = trainer(6)
+    straight.output = None  # the same run in memory, for comparison
+    straight.fit()
+    first = trainer(4)
+    result = first.fit()
+    assert result.step == 4 and [r["step"] for r in read_log(tmp_path / "run")] == [0, 2, 4]
+    learner, encoder, loaded = load_meta_learner(tmp_path / "run")
+    assert loaded == meta and encoder.name == "conv4"
+    best = {k: v for k, v in first.learner.state_dict().items() if not k.startswith("body.")}
+    for k, v in best.items():
+        torch.testing.assert_close(learner.state_dict()[k], v)
+    resumed = trainer(6)
+    resumed.resume()
+    resumed.fit()
+    assert resumed.step == 6 and [r["step"] for r in read_log(tmp_path / "run")] == [0, 2, 4, 6]
+    assert straight.history[-1]["train_loss"] == pytest.approx(resumed.history[-1]["train_loss"], rel=1e-5)
+
+
+def test_meta_trainer_refuses_other_val_ways_and_train_options_parse():
+    import argparse
+
+    from encoders import UserInputError, create_encoder
+    from protonets.maml.cli import add_train_options, meta_config
+    from protonets.maml.train import MetaConfig, MetaTrainer
+    from protonets.training import TrainConfig
+
+    train, val = _image_sets()
+    config = TrainConfig(ways=3, shots=1, queries=2, val_ways=5, val_shots=1, val_queries=1)
+    with pytest.raises(UserInputError, match="--val-ways 3"):
+        MetaTrainer(create_encoder("conv4", pretrained=False), train, val, config, MetaConfig())
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method")
+    add_train_options(parser)
+    args = parser.parse_args(
+        ["--method", "fomaml", "--inner-steps", "5", "--inner-lr", "0.1", "--proto-init"]
+    )
+    assert meta_config(args) == MetaConfig(method="fomaml", inner_steps=5, inner_lr=0.1, proto_init=True)
+    with pytest.raises(UserInputError, match="method must be one of"):
+        MetaConfig(method="reptile")

@@ -66,6 +66,9 @@ def _common(p: argparse.ArgumentParser, run: Any) -> None:
     p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
     add_encoder_options(p)
     p.set_defaults(run=run, encoder=None)  # None: the memory's own encoder (or the default)
+    for action in p._actions:
+        if action.dest == "encoder":
+            action.help = f"timm model name (default: the memory's own; build: {DEFAULT_ENCODER})"
 
 
 def class_folders(root: str) -> tuple[list[str], list[str]]:

@@ -161,8 +161,9 @@ def test_remove_drops_a_class_everywhere(kind):
     removed = mem.remove(gone)
     assert removed == (y == gone).sum() and len(mem) == before - removed
     assert gone not in mem.classes and gone not in mem.class_counts()
-    _, labels = mem.search(q, k=10)
+    _, labels, ids = mem.search(q, k=10, return_ids=True)
     assert not (labels == gone).any()
+    assert (mem._labels[ids[ids >= 0]] >= 0).all()  # no removed row comes back
     for mode in ("prototype", "knn"):
         assert not (mem.classify(q, mode=mode)[0] == gone).any()
     with pytest.raises(UserInputError, match="not in this memory"):

@@ -218,6 +218,25 @@ def test_batchnorm_mode_matches_torch_and_restores_on_error():
         pass
 
 
+def test_frozen_mode_of_a_timm_encoder_is_its_eval_mode_and_batch_mode_its_train_mode():
+    """timm's BatchNormAct2d (norm, then activation) inside a real pretrained-style encoder."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with batchnorm_mode(model.eval(), "frozen"):
+        frozen = model(x)
+    torch.testing.assert_close(frozen, model.eval()(x))
+    with batchnorm_mode(model, "batch"):
+        batch = model(x)
+    torch.testing.assert_close(batch, copy.deepcopy(model).train()(x))
+
+
 def test_proto_init_reproduces_the_prototype_head():
     from protonets.heads import PrototypeHead
 

@@ -9,7 +9,8 @@
 
 Each task is a pure function of the meta-parameters (`torch.func.functional_call`): the inner
 loop builds per-task fast weights as tensors, never copies or mutates the module, and runs for
-all tasks of a meta-batch at once under `torch.func.vmap` (or a plain loop, `vmap=False`).
+all tasks of a meta-batch at once under `torch.func.vmap` (the default on a GPU) or one task at a
+time (the default on CPU, where a loop is as fast and needs 1/T of the memory).
 BatchNorm semantics are explicit (`batchnorm=`, see `protonets.maml.batchnorm`).
 """
 

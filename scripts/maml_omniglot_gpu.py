@@ -36,8 +36,8 @@ from encoders import create_encoder
 from encoders.atomic import write_json_atomically
 from eval.datasets import omniglot
 from eval.episodes import sample_episodes
-from protonets.maml.train import MetaConfig, MetaTrainer, episode_batch, load_meta_learner
-from protonets.training import ImageSet, TrainConfig, preload_images, to_input
+from protonets.maml.train import MetaConfig, MetaTrainer, evaluate_episodes, load_meta_learner
+from protonets.training import ImageSet, TrainConfig, preload_images
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -58,7 +58,6 @@ def load_split(root: str, split: str, preprocessing: dict, keep: np.ndarray | No
     return ImageSet(images, dataset.labels[rows], dataset.class_names, {"split": split, "images": len(rows)})
 
 
-@torch.no_grad()
 def test(directory: str, root: str, ways: int, shots: int, episodes: int, device: str, steps: int) -> dict:
     """Accuracy of the best checkpoint on seeded test episodes (adapting on each support set)."""
     learner, encoder, _ = load_meta_learner(directory, device)
@@ -66,23 +65,14 @@ def test(directory: str, root: str, ways: int, shots: int, episodes: int, device
     batch = sample_episodes(
         dataset.labels, ways, shots, 15, episodes, seed=0, class_names=dataset.class_names
     )
-    rows, inverse = np.unique(batch.indices, return_inverse=True)
-    images = preload_images([dataset.items[i] for i in rows], encoder.preprocessing, desc="loading test")
-    x = to_input(images, encoder.preprocessing).to(device)
-    index = torch.as_tensor(inverse.reshape(batch.indices.shape))
-    accs = []
-    for start in range(0, episodes, 50):
-        tasks = episode_batch(x[index[start : start + 50].to(device)], ways, shots)
-        logits = learner.predict(tasks.support_x, tasks.support_y, tasks.query_x, steps=steps)
-        accs.append((logits.argmax(-1) == tasks.query_y).double().mean(1).cpu())
-    acc = torch.cat(accs)
+    acc = evaluate_episodes(learner, encoder, dataset.items, batch.indices, shots, steps)
     return {
         "ways": ways,
         "shots": shots,
         "episodes": episodes,
         "queries": 15,
         "accuracy": float(acc.mean()),
-        "ci95": 1.96 * float(acc.std()) / math.sqrt(len(acc)),
+        "ci95": float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc))),
         "inner_steps": steps,
     }
 

@@ -486,6 +486,17 @@ def test_meta_trainer_checkpoint_log_load_and_resume(tmp_path):
     assert result.step == 4 and [r["step"] for r in read_log(tmp_path / "run")] == [0, 2, 4]
     learner, encoder, loaded = load_meta_learner(tmp_path / "run")
     assert loaded == meta and encoder.name == "conv4"
+    from PIL import Image
+
+    from protonets.maml.train import evaluate_episodes
+
+    paths = []
+    for i, image in enumerate(train.images[:12]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image[0].numpy()).save(paths[-1])
+    episodes = np.arange(12).reshape(2, 3, 2)  # 2 episodes, 3 ways, 1 shot + 1 query
+    acc = evaluate_episodes(learner, encoder, paths, episodes, shots=1)
+    assert acc.shape == (2,) and ((acc >= 0) & (acc <= 1)).all()
     best = {k: v for k, v in first.learner.state_dict().items() if not k.startswith("body.")}
     for k, v in best.items():
         torch.testing.assert_close(learner.state_dict()[k], v)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -28,7 +30,7 @@ from encoders import Encoder, create_encoder
 from encoders.atomic import load_bundle, save_bundle
 from encoders.errors import UserInputError
 
-from ..training import EpisodicTrainer, ImageSet, TrainConfig, TrainResult, augment, to_input
+from ..training import EpisodicTrainer, ImageSet, TrainConfig, TrainResult, augment, preload_images, to_input
 from .learner import MetaLearner, TaskBatch
 
 METHODS = ("maml", "fomaml", "anil")
@@ -265,3 +267,33 @@ def load_meta_learner(
     learner = create_meta_learner(encoder.model, int(manifest["dim"]), int(manifest["ways"]), config)
     learner.load_state_dict({**extra, **{f"body.{k}": v for k, v in encoder.model.state_dict().items()}})
     return learner.to(device), encoder, config
+
+
+@torch.no_grad()
+def evaluate_episodes(
+    learner: MetaLearner,
+    encoder: Encoder,
+    items: Sequence[Any],
+    indices: np.ndarray,
+    shots: int,
+    steps: int | None = None,
+    batch_size: int = 50,
+    progress: bool = False,
+) -> np.ndarray:
+    """Per-episode query accuracy `[E]` of a meta-trained learner, adapting on each support set.
+
+    items: the dataset's images (paths or ImageItems); indices: episodes `[E, N, K+Q]` into them
+    (e.g. `eval.episodes.sample_episodes(...).indices`); only the images they use are loaded.
+    steps: inner steps at test time (default: the learner's).
+    """
+    rows, inverse = np.unique(indices, return_inverse=True)
+    images = preload_images([items[i] for i in rows], encoder.preprocessing, progress, "loading episodes")
+    x = to_input(images, encoder.preprocessing).to(encoder.device)
+    index = torch.as_tensor(inverse.reshape(indices.shape))
+    ways = indices.shape[1]
+    out = []
+    for start in range(0, len(index), batch_size):
+        tasks = episode_batch(x[index[start : start + batch_size].to(x.device)], ways, shots)
+        logits = learner.predict(tasks.support_x, tasks.support_y, tasks.query_x, steps=steps)
+        out.append((logits.argmax(-1) == tasks.query_y).double().mean(1).cpu())
+    return torch.cat(out).numpy()

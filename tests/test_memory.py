@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -207,6 +208,10 @@ def test_save_load_round_trip_gives_identical_answers(tmp_path, kind):
         np.testing.assert_array_equal(a[1], b[1])
     again.add(x[:10], ["new"] * 10)  # a loaded memory keeps growing
     assert again.class_counts()["new"] == 10
+    twin = copy.deepcopy(mem)  # an independent copy answers the same
+    np.testing.assert_array_equal(twin.search(q, k=3)[1], mem.search(q, k=3)[1])
+    twin.add(x[:10], ["twin"] * 10)
+    assert "twin" not in mem.classes
 
 
 def _saved(tmp_path):
@@ -404,6 +409,10 @@ def test_classifier_uses_a_memory_as_its_support_store():
     np.testing.assert_array_equal(again.predict(q), mem.classify(q)[0])
     with pytest.raises(UserInputError, match="saving the memory"):
         again.save("unused")
+    from sklearn.base import clone
+
+    copied = clone(clf).fit(x[:10], ["copy"] * 10)  # clone copies the memory: the original stays
+    assert len(copied.memory) == 3010 and len(mem) == 3000 and "copy" not in mem.classes
     with pytest.raises(ValueError, match="needs metric='euclidean'"):
         FewShotClassifier.from_memory(SupportMemory(4, "l2"), metric="cosine")
 

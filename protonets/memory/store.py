@@ -12,6 +12,7 @@ data (see `indexes.py`). Reads take a shared lock and run concurrently; writes t
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Iterator
@@ -172,6 +173,21 @@ class SupportMemory:
         self._trained_on = 0
         self._calibration: dict[str, Any] | None = None  # nprobe picked after training
         self._table: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
+
+    def __deepcopy__(self, memo: dict) -> SupportMemory:
+        """An independent copy (sklearn's `clone` deep-copies a classifier's memory)."""
+        locks = ("_lock", "_save_lock", "_cache_lock")
+        with self._lock.read():
+            new = SupportMemory.__new__(SupportMemory)
+            for key, value in self.__dict__.items():
+                if key == "_index" and value is not None:
+                    value = faiss.clone_index(value)
+                elif key not in locks and key != "_table":
+                    value = copy.deepcopy(value, memo)
+                new.__dict__[key] = value
+        new._lock, new._save_lock, new._cache_lock = _RWLock(), threading.Lock(), threading.Lock()
+        new._table = None
+        return new
 
     # -- what it holds -------------------------------------------------------------------
     def __len__(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from .errors import UserInputError
 
 MANIFEST = "manifest.json"
+#: Names of bundle data files: role stem, '-', 16 hex digits of the sha256, extension.
+_BUNDLE_FILE = re.compile(r"^[\w.]+-[0-9a-f]{16}(\.\w+)*$")
 
 
 def fsync_dir(path: str) -> None:
@@ -104,10 +107,8 @@ def save_bundle(
     fsync_dir(directory)
     write_json_atomically(os.path.join(directory, MANIFEST), {**manifest, "files": entries})
     keep = {MANIFEST} | {e["file"] for e in entries.values()}
-    roles = [os.path.splitext(r) for r in files]
-    for name in os.listdir(directory):
-        stale = any(name.startswith(stem + "-") and name.endswith(ext) for stem, ext in roles)
-        if name not in keep and (stale or name.startswith(".tmp-")):
+    for name in os.listdir(directory):  # data files of earlier saves, and leftovers of crashed ones
+        if name not in keep and (_BUNDLE_FILE.match(name) or name.startswith(".tmp-")):
             os.unlink(os.path.join(directory, name))
 
 

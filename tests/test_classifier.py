@@ -127,3 +127,22 @@ def test_passes_scikit_learn_estimator_checks_on_embeddings():
     failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
     assert not failed
     assert sum(r["status"] == "passed" for r in results) > 30
+
+
+def test_bundle_save_removes_files_of_earlier_saves(tmp_path):
+    from encoders.atomic import load_bundle, save_bundle
+
+    def writer(data):
+        return lambda p: open(p, "wb").write(data)
+
+    save_bundle(
+        tmp_path / "b",
+        {"kind": "k", "format_version": 1},
+        {"a.bin": writer(b"1"), "index.faiss": writer(b"2")},
+    )
+    save_bundle(tmp_path / "b", {"kind": "k", "format_version": 1}, {"a.bin": writer(b"3")})
+    manifest, files = load_bundle(tmp_path / "b", "k", 1)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(
+        ["manifest.json", manifest["files"]["a.bin"]["file"]]
+    )
+    assert open(files["a.bin"], "rb").read() == b"3"

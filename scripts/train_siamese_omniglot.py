@@ -134,7 +134,7 @@ def main() -> int:
         "step": result.best_step,
         "validation": {"val_acc": result.best_val_acc, "val_loss": result.best_val_loss},
         "calibration": calibration,
-        "wall_time_s": round(time.time() - start, 1),
+        "train_elapsed_s": round(result.elapsed_s, 1),  # over all resumed sessions
         **meta,
     }
     save_siamese_checkpoint(args.output, encoder, trainer.head, extra)

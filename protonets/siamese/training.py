@@ -108,11 +108,13 @@ class SiameseTrainer(EpisodicTrainer):
             batch = augment(batch, cfg.augment, self.generator)
         emb = self.encoder.features(batch)
         labels = torch.arange(cfg.ways, device=self.device).repeat_interleave(cfg.shots + cfg.queries)
-        scores = self.head.pair_logits(emb.unsqueeze(1), emb.unsqueeze(0))  # [B, B]
+        with torch.no_grad():  # all pairs' scores for mining; gradients only through the chosen
+            scores = self.head.pair_logits(emb.unsqueeze(1), emb.unsqueeze(0)) if cfg.hard_fraction else None
         i, j, same = sample_pairs(labels.cpu(), scores, self.generator, cfg.hard_fraction)
         i, j, same = i.to(self.device), j.to(self.device), same.to(self.device)
+        pair_logits = self.head.pair_logits(emb[i], emb[j])
         distances = (emb[i] - emb[j]).norm(dim=-1) if cfg.loss == "contrastive" else None
-        loss = pair_loss(scores[i, j], same, cfg.loss, distances, cfg.margin)
+        loss = pair_loss(pair_logits, same, cfg.loss, distances, cfg.margin)
         if cfg.proto_weight:
             view = emb.view(cfg.ways, cfg.shots + cfg.queries, -1)
             support = view[:, : cfg.shots].reshape(1, -1, view.shape[-1])
@@ -127,7 +129,7 @@ class SiameseTrainer(EpisodicTrainer):
         self.optimizer.step()
         self.step += 1
         with torch.no_grad():
-            acc = ((scores[i, j] > 0) == same).float().mean()  # pair accuracy
+            acc = ((pair_logits > 0) == same).float().mean()  # pair accuracy
         return loss.detach(), acc
 
     # -- the head in states and checkpoints ------------------------------------------------------
@@ -212,10 +214,11 @@ def train_head(
     for step in progress_bar(range(1, steps + 1), progress, desc="siamese head"):
         rows = next(batches)
         emb, y = embeddings[rows], labels[rows]
-        scores = head.pair_logits(emb.unsqueeze(1), emb.unsqueeze(0))
+        with torch.no_grad():
+            scores = head.pair_logits(emb.unsqueeze(1), emb.unsqueeze(0)) if hard_fraction else None
         i, j, same = sample_pairs(y, scores, generator, hard_fraction)
         distances = (emb[i] - emb[j]).norm(dim=-1) if loss == "contrastive" else None
-        value = pair_loss(scores[i, j], same, loss, distances)
+        value = pair_loss(head.pair_logits(emb[i], emb[j]), same, loss, distances)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

@@ -5,7 +5,7 @@
 #
 #   scripts/train_omniglot_protonet.sh [OUTPUT_DIR]
 #
-# Environment: DATA (Omniglot root, default ../shared/data/omniglot), EPISODES (default 2400;
+# Environment: DATA (Omniglot root, default ../shared/data/omniglot), EPISODES (default 1400;
 # the CPU budget here; the paper trains far longer), THREADS (torch CPU threads, default 1),
 # DEVICE (default cpu; cuda on a GPU machine), PYTHON (default .venv/bin/python), EXTRA (more
 # `protonets train` options, e.g. "--resume" to continue an interrupted or finished run).
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-checkpoints/protonet-conv4-omniglot}
 DATA=${DATA:-../shared/data/omniglot}
-EPISODES=${EPISODES:-2400}
+EPISODES=${EPISODES:-1400}
 THREADS=${THREADS:-1}
 DEVICE=${DEVICE:-cpu}
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import math
 
 import numpy as np
@@ -486,6 +487,8 @@ def test_meta_trainer_checkpoint_log_load_and_resume(tmp_path):
     assert result.step == 4 and [r["step"] for r in read_log(tmp_path / "run")] == [0, 2, 4]
     learner, encoder, loaded = load_meta_learner(tmp_path / "run")
     assert loaded == meta and encoder.name == "conv4"
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["method"] == "anil" and manifest["head"]["name"] == "maml"
     from PIL import Image
 
     from protonets.maml.train import evaluate_episodes

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoders import Encoder, create_encoder
+from encoders import Encoder, create_encoder, weights_sha256
 from encoders.atomic import load_bundle, save_bundle
 from encoders.errors import UserInputError
 
 from ..training import EpisodicTrainer, ImageSet, TrainConfig, TrainResult, augment, preload_images, to_input
+from ..training import checkpoint as ckpt
 from .learner import MetaLearner, TaskBatch
 
 METHODS = ("maml", "fomaml", "anil")
@@ -202,10 +203,24 @@ class MetaTrainer(EpisodicTrainer):
         )
 
     def _save_best(self) -> None:
-        super()._save_best()
+        """The episodic trainer's best checkpoint, marked as MAML, plus `DIR/maml/` (head, step sizes)."""
+        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._best_extra = {k: v.detach().clone() for k, v in self._extra_state().items()}
-        if self.output is not None:
-            save_learner_extra(self.output, self.learner, self.meta_config, self.config.ways)
+        if self.output is None:
+            return
+        save_learner_extra(self.output, self.learner, self.meta_config, self.config.ways)
+        extra = {
+            "method": self.meta_config.method,
+            "head": {"name": "maml", "ways": self.config.ways, "learner": LEARNER_DIR},
+            "maml": self.meta_config.to_dict(),
+            "training": self.config.to_dict(),
+            "step": self.step,
+            "validation": {k: v for k, v in self.best.items() if k != "step"},
+            **self.meta,
+        }
+        ckpt.save_checkpoint(
+            self.output, self.model, self.encoder.name, self.encoder.preprocessing, extra, self.model_kwargs
+        )
 
     def _restore_best(self) -> None:
         """Like the encoder's weights: the learner is left holding the best head and step sizes."""
@@ -239,6 +254,7 @@ def save_learner_extra(
         "config": config.to_dict(),
         "ways": ways,
         "dim": learner.head.in_features,
+        "body_weights_sha256": weights_sha256(learner.body) if learner.body is not None else None,
     }
     save_bundle(
         os.path.join(directory, LEARNER_DIR), manifest, {"learner.safetensors": lambda p: save_file(state, p)}
@@ -263,6 +279,11 @@ def load_meta_learner(
     """(learner, encoder, config) of a meta-trained checkpoint folder written by `MetaTrainer`."""
     manifest, extra = read_learner_extra(directory)
     encoder = create_encoder(checkpoint_path=os.fspath(directory), device=device)
+    if manifest.get("body_weights_sha256") not in (None, encoder.fingerprint["weights_sha256"]):
+        raise UserInputError(
+            f"'{directory}': the encoder weights and {LEARNER_DIR}/ come from different saves "
+            "(a save was interrupted); resume the run to write both again"
+        )
     config = MetaConfig.from_dict(manifest["config"])
     learner = create_meta_learner(encoder.model, int(manifest["dim"]), int(manifest["ways"]), config)
     learner.load_state_dict({**extra, **{f"body.{k}": v for k, v in encoder.model.state_dict().items()}})

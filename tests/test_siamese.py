@@ -186,3 +186,35 @@ def test_eval_method_siamese_runs_on_episodes(monkeypatch, tmp_path):
     monkeypatch.delenv("PROTONETS_SIAMESE_HEAD", raising=False)
     with pytest.raises(Exception, match="PROTONETS_SIAMESE_HEAD"):
         evaluate(emb, episodes, "siamese")
+
+
+def _image_folder(root, classes=4, per_class=4):
+    g = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        base = g.random((28, 28)) > 0.7
+        for k in range(per_class):
+            noisy = base ^ (g.random((28, 28)) > 0.95)
+            Image.fromarray(np.where(noisy, 0, 255).astype(np.uint8)).save(root / f"class{c}" / f"{k}.png")
+    return str(root)
+
+
+def test_train_command_method_siamese_joint_and_frozen(tmp_path, capsys):
+    from protonets.cli import main
+
+    data = _image_folder(tmp_path / "data")
+    common = ["train", "--method", "siamese", "--dataset", "folder", "--data", data, "--quiet"]
+    joint = [*common, "--val-split", "none", "--ways", "3", "--shots", "1", "--queries", "2"]
+    assert main([*joint, "--episodes", "2", "--affine", "--output", str(tmp_path / "joint")]) == 0
+    encoder, head, manifest = load_siamese(tmp_path / "joint")
+    assert manifest["method"] == "siamese" and manifest["training"]["augment"] == "affine"
+    frozen = [*common, "--freeze-encoder", "--episodes", "20", "--ways", "3", "--val-every", "10"]
+    assert main([*frozen, "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "frozen")]) == 0
+    out = capsys.readouterr().out
+    assert "threshold for FAR" in out
+    _, head, manifest = load_siamese(tmp_path / "frozen")
+    assert (
+        manifest["frozen_encoder"]
+        and head.normalize
+        and manifest["head"]["calibration"]["target_far"] == 0.01
+    )

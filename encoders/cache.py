@@ -4,6 +4,8 @@ Layout: `ROOT/<fingerprint id>/` is a bundle (see `atomic.py`): `embeddings-<sha
 `[rows, D]`, memory-mapped on read) and `manifest.json` with the fingerprint and, per image key,
 its row, file size and mtime. A changed file (size or mtime) is embedded again; a damaged
 cache (checksum mismatch, unreadable manifest) is reported, removed and rebuilt, never used.
+Processes sharing a cache add rows under an exclusive lock (`ROOT/<fingerprint id>.lock`), each
+on top of what the others saved, so concurrent runs never drop each other's embeddings.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from .atomic import load_bundle, save_bundle
 from .encoder import Encoder
 from .errors import UserInputError
 from .images import ImageItem, as_item
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no cross-process lock
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,19 @@ class EmbeddingCache:
             load_bundle(self.directory, KIND, FORMAT_VERSION)[1]["embeddings.npy"], mmap_mode="r"
         )
 
+    def _append(self, entries: list[tuple[str, list[int]]], embeddings: np.ndarray) -> None:
+        """Add rows under an exclusive file lock, on top of what other processes saved meanwhile."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{self.directory.name}.lock", "a+") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            self._load()
+            old = self._array if self._array is not None else np.empty((0, embeddings.shape[1]), np.float32)
+            array = np.concatenate([np.asarray(old), embeddings])
+            for offset, (key, stat) in enumerate(entries):
+                self._rows[key] = [old.shape[0] + offset, *stat]
+            self._save(array)
+
     def embed(self, images: Sequence[Any], chunk_size: int = 4096, **embed_kwargs: Any) -> torch.Tensor:
         """Embeddings `[N, D]` of image files, computing only those not cached (saved every chunk).
 
@@ -121,16 +141,7 @@ class EmbeddingCache:
             chunk = todo[start : start + chunk_size]
             desc = f"embedding {start + len(chunk)}/{len(todo)} new images"
             result = self.encoder.embed([items[i] for i in chunk], desc=desc, **embed_kwargs)
-            old = (
-                self._array
-                if self._array is not None
-                else np.empty((0, result.embeddings.shape[1]), np.float32)
-            )
-            array = np.concatenate([np.asarray(old), result.embeddings.numpy().astype(np.float32)])
-            for offset, i in enumerate(chunk):
-                key, stat = keys[i]
-                self._rows[key] = [old.shape[0] + offset, *stat]
-            self._save(array)
+            self._append([keys[i] for i in chunk], result.embeddings.numpy().astype(np.float32))
         rows = np.fromiter((self._rows[k][0] for k, _ in keys), dtype=np.int64, count=len(keys))
         if self._array is None:
             return torch.empty(0, self.encoder.dim)

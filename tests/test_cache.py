@@ -102,3 +102,16 @@ def test_rotated_items_are_distinct_entries(tmp_path, images):
     cache = EmbeddingCache(enc, tmp_path / "cache")
     out = cache.embed(items, num_workers=0, progress=False)
     assert cache.misses == 2 and not torch.allclose(out[0], out[1])
+
+
+def test_two_writers_keep_each_others_rows(tmp_path, images):
+    """Two caches opened before either writes (two processes, say) both end up in the file."""
+    enc = _encoder()
+    first, second = EmbeddingCache(enc, tmp_path / "cache"), EmbeddingCache(enc, tmp_path / "cache")
+    a = first.embed(images[:2], num_workers=0, progress=False)
+    b = second.embed(images[2:], num_workers=0, progress=False)
+    fresh = EmbeddingCache(enc, tmp_path / "cache")
+    assert len(fresh) == len(images)
+    out = fresh.embed(images, num_workers=0, progress=False)
+    assert fresh.misses == 0
+    torch.testing.assert_close(out, torch.cat([a, b]))

@@ -10,10 +10,11 @@ steps, meta-batch 32, second-order MAML:
   and `loss.backward()`, written the way learn2learn's `MAML.clone()/adapt()` does it.
 
 Each variant runs in its own process (so peak memory is its own), in rounds that alternate the
-variants to share out the machine's noise. Reported: median seconds per meta-step, the ratio to
-l2l-loop (< 1 is faster), peak memory of the meta-steps (CPU: peak RSS growth over the RSS
-before the first step; CUDA: torch.cuda.max_memory_allocated), and the first meta-step's loss
-(all variants compute the same number).
+variants to share out the machine's noise. Reported: median (and min, the least disturbed on a
+busy machine) seconds per meta-step, the ratio to l2l-loop (< 1 is faster), peak memory of the
+meta-steps (CPU: peak RSS growth over the RSS before the first step; CUDA:
+torch.cuda.max_memory_allocated), and the first meta-step's loss and gradient norm (all
+variants compute the same numbers).
 
     python scripts/bench_maml.py --rounds 1 --vmap-chunk 8     # CPU: ~2 minutes
     python scripts/bench_maml.py --device cuda --rounds 3 --steps 10
@@ -208,13 +209,17 @@ def main() -> None:
         f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}\n"
     )
     ref = statistics.median(results["l2l-loop"]["times"]) if "l2l-loop" in results else None
-    print("| variant | s / meta-step (median) | × l2l-loop | peak memory MB | loss | grad norm |")
+    ref_min = min(results["l2l-loop"]["times"]) if "l2l-loop" in results else None
+    print("| variant | s / meta-step: median (min) | × l2l-loop: median (min) | peak MB | loss | grad norm |")
     print("| --- | --- | --- | --- | --- | --- |")
     for variant, row in results.items():
-        t = statistics.median(row["times"])
-        ratio = f"{t / ref:.2f}" if ref else "-"
+        t, fastest = statistics.median(row["times"]), min(row["times"])
+        ratio = f"{t / ref:.2f} ({fastest / ref_min:.2f})" if ref else "-"
         peak = max(row["peak_mb"])
-        print(f"| {variant} | {t:.3f} | {ratio} | {peak:.0f} | {row['loss']:.6f} | {row['grad_norm']:.6f} |")
+        print(
+            f"| {variant} | {t:.3f} ({fastest:.3f}) | {ratio} | {peak:.0f} | {row['loss']:.6f} "
+            f"| {row['grad_norm']:.6f} |"
+        )
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=2)

@@ -37,6 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="METHOD",
         help=f"one or more of {', '.join(sorted(METHODS))} (default: prototype)",
     )
+    p.add_argument(
+        "--head-checkpoint",
+        default=None,
+        help="trained Siamese checkpoint folder for --method siamese (else $PROTONETS_SIAMESE_HEAD)",
+    )
     p.add_argument("--knn-k", type=positive_int, default=1, help="neighbours for --method knn")
     p.add_argument(
         "--cache-dir", default=None, help="embedding cache (default: ~/.cache/protonets/embeddings)"
@@ -81,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         class_names=dataset.class_names,
         progress=not args.quiet,
-        method_options={"knn": {"k": args.knn_k}},
+        method_options={"knn": {"k": args.knn_k}, "siamese": {"head": args.head_checkpoint}},
     )
     document = {
         "results": results,

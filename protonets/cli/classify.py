@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 
 from ..classifier import FewShotClassifier
@@ -16,6 +14,7 @@ from .common import (
     query_paths,
     resolve_device,
     support_folder,
+    write_rows,
 )
 
 
@@ -91,29 +90,3 @@ def run(args: argparse.Namespace) -> int:
             )
     write_rows(rows, args.format, sys.stdout)
     return 0
-
-
-def write_rows(rows: list[dict], fmt: str, out) -> None:  # noqa: ANN001
-    if fmt == "json":
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-    elif fmt == "csv":
-        writer = csv.writer(out)
-        writer.writerow(["query", "label", "probability", "top_k"])
-        for r in rows:
-            writer.writerow(
-                [
-                    r["query"],
-                    r["label"],
-                    f"{r['probability']:.4f}",
-                    ";".join(f"{c}:{p:.4f}" for c, p in r["top_k"]),
-                ]
-            )
-    else:
-        width = max([len("query")] + [len(r["query"]) for r in rows])
-        lwidth = max([len("label")] + [len(r["label"]) for r in rows])
-        out.write(f"{'query':<{width}}  {'label':<{lwidth}}  {'prob':>6}  top-k\n")
-        out.write(f"{'-' * width}  {'-' * lwidth}  {'-' * 6}  {'-' * 5}\n")
-        for r in rows:
-            others = ", ".join(f"{c} {p:.2f}" for c, p in r["top_k"])
-            out.write(f"{r['query']:<{width}}  {r['label']:<{lwidth}}  {r['probability']:>6.3f}  {others}\n")

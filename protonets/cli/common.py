@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
+from typing import Any, TextIO
 
 import torch
 
@@ -101,3 +104,25 @@ def query_paths(queries: list[str]) -> list[str]:
         else:
             raise UserInputError(f"query '{query}' does not exist")
     return paths
+
+
+def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, value: str = "probability") -> None:
+    """Per-query results (`query`, `label`, `value`, `top_k`) as a table, JSON or CSV."""
+    if fmt == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(["query", "label", value, "top_k"])
+        for r in rows:
+            top = ";".join(f"{c}:{v:.4f}" for c, v in r["top_k"])
+            writer.writerow([r["query"], r["label"], f"{r[value]:.4f}", top])
+    else:
+        header = value[:5]
+        width = max([len("query")] + [len(r["query"]) for r in rows])
+        lwidth = max([len("label")] + [len(r["label"]) for r in rows])
+        out.write(f"{'query':<{width}}  {'label':<{lwidth}}  {header:>7}  top-k\n")
+        out.write(f"{'-' * width}  {'-' * lwidth}  {'-' * 7}  {'-' * 5}\n")
+        for r in rows:
+            others = ", ".join(f"{c} {v:.3f}" for c, v in r["top_k"])
+            out.write(f"{r['query']:<{width}}  {r['label']:<{lwidth}}  {r[value]:>7.3f}  {others}\n")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +15,7 @@ from encoders.atomic import MANIFEST
 from encoders.errors import UserInputError
 
 from ..memory import INDEX_KINDS, METRICS, MODES, SupportMemory
-from .common import add_encoder_options, positive_int, query_paths, resolve_device
+from .common import add_encoder_options, positive_int, query_paths, resolve_device, write_rows
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _from_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--from", dest="support", metavar="SUPPORT_DIR", required=True,
+        "--from",
+        dest="support",
+        metavar="SUPPORT_DIR",
+        required=True,
         help="folder with one sub-folder of images per class",
     )
 
@@ -106,8 +108,12 @@ def _encoder(args: argparse.Namespace, memory_dir: str | None = None) -> Encoder
 
 def _embed(encoder: Encoder, paths: list[str], args: argparse.Namespace, desc: str):
     return encoder.embed(
-        paths, batch_size=args.batch_size, num_workers=args.workers,
-        progress=not args.quiet, skip_bad=args.skip_bad, desc=desc,
+        paths,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        skip_bad=args.skip_bad,
+        desc=desc,
     )
 
 
@@ -157,16 +163,19 @@ def run_query(args: argparse.Namespace) -> int:
             top_s = np.take_along_axis(table, order, 1)
             top_l = np.asarray(names, dtype=object)[order]
         for row, i in enumerate(result.kept):
-            rows.append({
-                "query": queries[i],
-                "label": str(labels[row]),
-                "score": round(float(scores[row]), 6),
-                "top_k": [
-                    [str(name), round(float(s), 6)]
-                    for name, s in zip(top_l[row], top_s[row]) if name is not None
-                ],
-            })
-    write_rows(rows, args.format, sys.stdout)
+            rows.append(
+                {
+                    "query": queries[i],
+                    "label": str(labels[row]),
+                    "score": round(float(scores[row]), 6),
+                    "top_k": [
+                        [str(name), round(float(s), 6)]
+                        for name, s in zip(top_l[row], top_s[row])
+                        if name is not None
+                    ],
+                }
+            )
+    write_rows(rows, args.format, sys.stdout, value="score")
     return 0
 
 
@@ -191,24 +200,3 @@ def _summary(verb: str, directory: str, memory: SupportMemory) -> None:
         f"{verb} '{directory}': {memory.count} vectors, {len(memory.classes)} classes, "
         f"{memory.metric}, {memory.structure} search"
     )
-
-
-def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO) -> None:
-    """Query results as a table, JSON or CSV (score: cosine similarity or -squared distance)."""
-    if fmt == "json":
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-    elif fmt == "csv":
-        writer = csv.writer(out)
-        writer.writerow(["query", "label", "score", "top_k"])
-        for r in rows:
-            top = ";".join(f"{c}:{s:.4f}" for c, s in r["top_k"])
-            writer.writerow([r["query"], r["label"], f"{r['score']:.4f}", top])
-    else:
-        width = max([len("query")] + [len(r["query"]) for r in rows])
-        lwidth = max([len("label")] + [len(r["label"]) for r in rows])
-        out.write(f"{'query':<{width}}  {'label':<{lwidth}}  {'score':>7}  top-k\n")
-        out.write(f"{'-' * width}  {'-' * lwidth}  {'-' * 7}  {'-' * 5}\n")
-        for r in rows:
-            others = ", ".join(f"{c} {s:.3f}" for c, s in r["top_k"])
-            out.write(f"{r['query']:<{width}}  {r['label']:<{lwidth}}  {r['score']:>7.3f}  {others}\n")

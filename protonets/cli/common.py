@@ -118,7 +118,7 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, value: str = "
             top = ";".join(f"{c}:{v:.4f}" for c, v in r["top_k"])
             writer.writerow([r["query"], r["label"], f"{r[value]:.4f}", top])
     else:
-        header = value[:5]
+        header = "prob" if value == "probability" else value
         width = max([len("query")] + [len(r["query"]) for r in rows])
         lwidth = max([len("label")] + [len(r["label"]) for r in rows])
         out.write(f"{'query':<{width}}  {'label':<{lwidth}}  {header:>7}  top-k\n")

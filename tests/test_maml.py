@@ -531,3 +531,40 @@ def test_meta_trainer_refuses_other_val_ways_and_train_options_parse():
     assert meta_config(args) == MetaConfig(method="fomaml", inner_steps=5, inner_lr=0.1, proto_init=True)
     with pytest.raises(UserInputError, match="method must be one of"):
         MetaConfig(method="reptile")
+
+
+def test_train_command_runs_maml_methods(tmp_path):
+    """`protonets train --method fomaml` writes a checkpoint with its MAML learner beside it."""
+    from protonets.cli import main
+    from tests.conftest import EXAMPLES
+
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--method",
+            "fomaml",
+            "--dataset",
+            "folder",
+            "--data",
+            str(EXAMPLES / "support"),
+            "--val-split",
+            "none",
+            "--episodes",
+            "2",
+            "--meta-batch",
+            "2",
+            "--ways",
+            "3",
+            "--shots",
+            "1",
+            "--queries",
+            "2",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert (out / "manifest.json").is_file() and (out / "maml" / "manifest.json").is_file()
+    assert len((out / "train_log.jsonl").read_text().splitlines()) >= 1

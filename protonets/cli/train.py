@@ -45,6 +45,8 @@ CONFIG_OPTIONS = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from protonets.maml.cli import METHODS as MAML_METHODS
+    from protonets.maml.cli import add_train_options as add_maml_options
     from protonets.siamese.cli import add_train_options as add_siamese_options
     from protonets.training import AUGMENTATIONS
 
@@ -56,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Writes DIR/manifest.json + weights (load with --checkpoint DIR), DIR/train_log.jsonl and "
         "DIR/resume/.",
     )
-    p.add_argument("--method", choices=["protonet", "siamese"], default="protonet")
+    p.add_argument("--method", choices=["protonet", "siamese", *MAML_METHODS], default="protonet")
     p.add_argument("--dataset", choices=["folder", "omniglot", "csv"], default="folder")
     p.add_argument("--data", required=True, help="dataset root folder (images)")
     p.add_argument(
@@ -106,6 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bars or warnings")
     add_siamese_options(p)  # --method siamese (protonets/siamese/cli.py)
+    add_maml_options(p)  # --method maml|fomaml|anil (protonets/maml/cli.py)
     p.set_defaults(run=run)
 
 
@@ -139,6 +142,8 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from protonets.maml.cli import METHODS as MAML_METHODS
+    from protonets.maml.cli import make_trainer as make_maml_trainer
     from protonets.training import EpisodicTrainer, TrainConfig
     from protonets.training.checkpoint import load_state
 
@@ -179,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
         name, preprocessing, model_kwargs = saved["model"], saved["preprocessing"], saved["model_kwargs"]
     else:
         values = {k: defaults[k] for k in ("ways", "shots", "queries")}
+        if args.method in MAML_METHODS:  # the MAML head has --ways outputs: 5-way by default
+            values["ways"] = given.get("ways", 5)
+            values["val_ways"] = given.get("val_ways", values["ways"])
         config = TrainConfig(**{**values, **given})
         name, preprocessing, model_kwargs = args.encoder or "conv4", None, {}
 
@@ -201,16 +209,11 @@ def run(args: argparse.Namespace) -> int:
     meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
     if val is not None:
         meta["dataset"]["val"] = val.info
-    trainer = EpisodicTrainer(
-        encoder,
-        train,
-        val,
-        config,
-        output=args.output,
-        progress=not args.quiet,
-        model_kwargs=model_kwargs,
-        meta=meta,
-    )
+    kwargs = {"progress": not args.quiet, "model_kwargs": model_kwargs, "meta": meta}
+    if args.method in MAML_METHODS:
+        trainer = make_maml_trainer(args, encoder, train, val, config, saved, **kwargs)
+    else:
+        trainer = EpisodicTrainer(encoder, train, val, config, output=args.output, **kwargs)
     if args.resume:
         trainer.resume()
     result = trainer.fit()

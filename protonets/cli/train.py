@@ -112,6 +112,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _splits(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(training split, validation split or None) from the options and the dataset's defaults."""
+    defaults = DEFAULTS[args.dataset]
+    split = args.split or defaults["split"]
+    val_split = args.val_split or defaults["val_split"]
+    if val_split is not None and val_split.lower() == "none":
+        val_split = None
+    return split, val_split
+
+
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     return {
         field: getattr(args, opt) for opt, field in CONFIG_OPTIONS.items() if getattr(args, opt) is not None
@@ -156,10 +166,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     _check_output(args)
     defaults = DEFAULTS[args.dataset]
-    split = args.split or defaults["split"]
-    val_split = args.val_split or defaults["val_split"]
-    if val_split is not None and val_split.lower() == "none":
-        val_split = None
+    split, val_split = _splits(args)
     if args.dataset == "csv" and split is None:
         raise UserInputError("--dataset csv needs --split FILE.csv (the training classes' CSV)")
 

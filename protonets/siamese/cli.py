@@ -114,18 +114,14 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
 
 def run_train(args: argparse.Namespace) -> int:
     """`protonets train --method siamese ...`."""
-    from protonets.cli.train import DEFAULTS, _check_output, _given, _load_images
+    from protonets.cli.train import _check_output, _given, _load_images, _splits
 
     from .training import SiameseConfig, SiameseTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_output(args)
-    defaults = DEFAULTS[args.dataset]
-    split = args.split or defaults["split"]
-    val_split = args.val_split or defaults["val_split"]
-    if val_split is not None and val_split.lower() == "none":
-        val_split = None
+    split, val_split = _splits(args)
     if args.freeze_encoder:
         return _frozen(args, split, val_split)
     given = {k: v for k, v in _given(args).items() if k not in ("metric", "augment")}

@@ -3,20 +3,78 @@
 `maml`: every episode starts from its prototype head (Proto-MAML init) and takes `steps` SGD
 steps of support cross-entropy on a linear head over the frozen encoder's embeddings (ANIL at
 test time: the body is not adapted). All episodes of a chunk adapt at once under vmap.
+
+Given a meta-trained learner (`meta=MetaEpisodes(...)`, what `protonets eval --method maml
+--checkpoint DIR` passes for a checkpoint of `protonets train --method maml|fomaml|anil`), the
+method instead adapts that learner (body and head, as it was meta-trained) on each episode's
+support images and scores its query images; the cached embeddings are not used.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from encoders import Encoder
+from encoders.errors import UserInputError
 from encoders.progress import progress_bar
 from protonets.maml.head import MAMLHead
+from protonets.maml.learner import MetaLearner
+from protonets.maml.train import LEARNER_DIR, evaluate_episodes, load_meta_learner
 
 from .episodes import Episodes
 from .protocol import episode_tensors, register_method
+
+
+@dataclass
+class MetaEpisodes:
+    """A meta-trained learner with the encoder it came with and the dataset's images (by index)."""
+
+    learner: MetaLearner
+    encoder: Encoder
+    items: Sequence[Any]
+    steps: int | None = None  # inner steps at test time; None: the checkpoint's eval_inner_steps
+    source: str = "the checkpoint"
+
+    @classmethod
+    def load(
+        cls, directory: str, items: Sequence[Any], device: str = "cpu", steps: int | None = None
+    ) -> MetaEpisodes:
+        learner, encoder, config = load_meta_learner(directory, device)
+        return cls(learner, encoder, items, config.eval_inner_steps if steps is None else steps, directory)
+
+    def check_ways(self, ways: int) -> None:
+        """Refuse episodes of another width than the meta-trained head (unless it is Proto-MAML)."""
+        trained = self.learner.head.out_features
+        if self.learner.proto_init is None and trained != ways:
+            raise UserInputError(
+                f"'{self.source}' was meta-trained for {trained}-way episodes; evaluate it with "
+                f"--ways {trained}, or meta-train with --ways {ways} (or --proto-init, whose head "
+                "fits any number of ways)"
+            )
+
+    def evaluate(self, episodes: Episodes, progress: bool = False) -> np.ndarray:
+        """Per-episode accuracy of the learner adapted on each episode's support images."""
+        self.check_ways(episodes.ways)
+        return evaluate_episodes(
+            self.learner,
+            self.encoder,
+            self.items,
+            episodes.indices,
+            episodes.shots,
+            self.steps,
+            progress=progress,
+        )
+
+
+def is_meta_checkpoint(directory: str | None) -> bool:
+    """True for a checkpoint folder written by `protonets train --method maml|fomaml|anil`."""
+    return directory is not None and os.path.isdir(os.path.join(directory, LEARNER_DIR))
 
 
 def _chunk(episodes: Episodes, dim: int, budget_bytes: int = 128 << 20) -> int:
@@ -34,9 +92,15 @@ def maml(
     metric: str = "cosine",
     feature_transform: str | None = None,
     scale: float = 10.0,
+    meta: MetaEpisodes | None = None,
     **_: Any,
 ) -> np.ndarray:
-    """Proto-MAML head fine-tuning per episode (head only, frozen embeddings); accuracies `[E]`."""
+    """Proto-MAML head fine-tuning per episode (head only, frozen embeddings); accuracies `[E]`.
+
+    meta: evaluate this meta-trained learner on the episodes' images instead (see the module).
+    """
+    if meta is not None:
+        return meta.evaluate(episodes, progress)
     head = MAMLHead(metric, feature_transform, scale, steps, lr)
     out = np.empty(len(episodes))
     step = _chunk(episodes, embeddings.shape[1])

@@ -568,3 +568,39 @@ def test_train_command_runs_maml_methods(tmp_path):
     assert code == 0
     assert (out / "manifest.json").is_file() and (out / "maml" / "manifest.json").is_file()
     assert len((out / "train_log.jsonl").read_text().splitlines()) >= 1
+
+
+def test_eval_command_adapts_a_meta_trained_checkpoint_on_episode_images(tmp_path, capsys):
+    """`protonets eval --method maml --checkpoint DIR` on a meta-trained DIR runs its learner."""
+    from encoders import UserInputError
+    from eval.datasets import load_dataset
+    from eval.episodes import sample_episodes
+    from protonets.cli import main
+    from protonets.maml.train import evaluate_episodes, load_meta_learner
+    from tests.conftest import EXAMPLES
+
+    data, out = str(EXAMPLES / "support"), tmp_path / "run"
+    train = ["train", "--method", "maml", "--dataset", "folder", "--data", data, "--val-split", "none"]
+    train += ["--episodes", "3", "--meta-batch", "2", "--ways", "3", "--shots", "1", "--queries", "2"]
+    assert main([*train, "--inner-steps", "1", "--output", str(out), "--quiet"]) == 0
+    episodes = ["--ways", "3", "--shots", "1", "--queries", "2", "--episodes", "6", "--seed", "1"]
+    evaluate = ["eval", "--dataset", "folder", "--data", data, *episodes, "--checkpoint", str(out)]
+    evaluate += ["--no-cache", "--quiet", "--method", "maml", "prototype", "--maml-steps", "2"]
+    assert main([*evaluate, "--output", str(tmp_path / "r.json")]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert set(rows) == {"maml", "prototype"}
+
+    dataset = load_dataset("folder", data, None)
+    batch = sample_episodes(dataset.labels, 3, 1, 2, 6, seed=1, class_names=dataset.class_names)
+    learner, encoder, _ = load_meta_learner(out)
+    expected = evaluate_episodes(learner, encoder, dataset.items, batch.indices, 1, steps=2)
+    assert rows["maml"]["accuracy"] == pytest.approx(expected.mean(), abs=1e-6)
+
+    capsys.readouterr()
+    wide = [a if a != "3" else "4" for a in evaluate]  # 4-way episodes for a 3-way head
+    assert main(wide) != 0
+    assert "meta-trained for 3-way episodes" in capsys.readouterr().err
+    with pytest.raises(UserInputError, match="--ways 3"):
+        from eval.maml_methods import MetaEpisodes
+
+        MetaEpisodes(learner, encoder, dataset.items).check_ways(5)

@@ -7,7 +7,7 @@ import sys
 
 from encoders import create_encoder
 
-from .common import add_encoder_options, positive_int, resolve_device
+from .common import add_encoder_options, non_negative_int, positive_int, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="trained Siamese checkpoint folder for --method siamese (else $PROTONETS_SIAMESE_HEAD)",
     )
+    p.add_argument(
+        "--maml-steps",
+        type=non_negative_int,
+        default=None,
+        help="inner steps for --method maml (default: a meta-trained checkpoint's own test-time "
+        "steps; 20 for Proto-MAML on a plain encoder)",
+    )
     p.add_argument("--knn-k", type=positive_int, default=1, help="neighbours for --method knn")
     p.add_argument(
         "--cache-dir", default=None, help="embedding cache (default: ~/.cache/protonets/embeddings)"
@@ -56,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from eval.datasets import load_dataset
     from eval.episodes import usable_classes
+    from eval.maml_methods import MetaEpisodes, is_meta_checkpoint
     from eval.report import markdown_table, plot_accuracy, write_results
     from eval.run import embed_dataset, run_evaluation
 
@@ -63,9 +71,15 @@ def run(args: argparse.Namespace) -> int:
     for ways in args.ways:  # refuse impossible settings before the (long) embedding pass
         for shots in args.shots:
             usable_classes(dataset.labels, ways, shots + args.queries, warn=False)
-    encoder = create_encoder(
-        args.encoder, checkpoint_path=args.checkpoint, device=resolve_device(args.device)
-    )
+    device = resolve_device(args.device)
+    maml_options = {} if args.maml_steps is None else {"steps": args.maml_steps}
+    if "maml" in args.method and is_meta_checkpoint(args.checkpoint):
+        # a meta-trained learner adapts on each episode's images, as it was trained to
+        meta = MetaEpisodes.load(args.checkpoint, dataset.items, device, steps=args.maml_steps)
+        for ways in args.ways:
+            meta.check_ways(ways)
+        maml_options = {"meta": meta}
+    encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device)
     embeddings = embed_dataset(
         dataset,
         encoder,
@@ -86,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         class_names=dataset.class_names,
         progress=not args.quiet,
-        method_options={"knn": {"k": args.knn_k}, "siamese": {"head": args.head_checkpoint}},
+        method_options={
+            "knn": {"k": args.knn_k},
+            "siamese": {"head": args.head_checkpoint},
+            "maml": maml_options,
+        },
     )
     document = {
         "results": results,

@@ -16,6 +16,7 @@ import torch
 from encoders.errors import UserInputError
 from encoders.progress import progress_bar
 from protonets.heads import create_head
+from protonets.stats import mean_ci95  # noqa: F401  (part of eval's API)
 
 from .episodes import Episodes
 
@@ -128,14 +129,6 @@ def evaluate(
     if episodes.queries < 1:
         raise UserInputError("evaluation needs at least one query per class")
     return METHODS[method](embeddings.float(), episodes, progress=progress, **options)
-
-
-def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% confidence half-width 1.96·std/√E (sample std; 0 for one episode)."""
-    acc = np.asarray(accuracies, dtype=np.float64)
-    if len(acc) < 2:
-        return float(acc.mean()), 0.0
-    return float(acc.mean()), float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc)))
 
 
 from . import maml_methods, siamese_methods  # noqa: E402, F401  (register the MAML-path and Siamese methods)

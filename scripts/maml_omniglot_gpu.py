@@ -24,7 +24,6 @@ validation episodes, resume, JSON-lines log, safetensors); the best checkpoint i
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from encoders.atomic import write_json_atomically
 from eval.datasets import omniglot
 from eval.episodes import sample_episodes
 from protonets.maml.train import MetaConfig, MetaTrainer, evaluate_episodes, load_meta_learner
+from protonets.stats import mean_ci95
 from protonets.training import ImageSet, TrainConfig, preload_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,13 +66,14 @@ def test(directory: str, root: str, ways: int, shots: int, episodes: int, device
         dataset.labels, ways, shots, 15, episodes, seed=0, class_names=dataset.class_names
     )
     acc = evaluate_episodes(learner, encoder, dataset.items, batch.indices, shots, steps)
+    mean, ci = mean_ci95(acc)
     return {
         "ways": ways,
         "shots": shots,
         "episodes": episodes,
         "queries": 15,
-        "accuracy": float(acc.mean()),
-        "ci95": float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc))),
+        "accuracy": mean,
+        "ci95": ci,
         "inner_steps": steps,
     }
 

@@ -14,7 +14,6 @@ loads the body) plus `DIR/maml/`: the head, learned inner step sizes and setting
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -30,6 +29,7 @@ from encoders import Encoder, create_encoder, weights_sha256
 from encoders.atomic import load_bundle, save_bundle
 from encoders.errors import UserInputError
 
+from ..stats import mean_ci95
 from ..training import EpisodicTrainer, ImageSet, TrainConfig, TrainResult, augment, preload_images, to_input
 from ..training import checkpoint as ckpt
 from .learner import MetaLearner, TaskBatch
@@ -177,9 +177,8 @@ class MetaTrainer(EpisodicTrainer):
             )
             losses.append(F.cross_entropy(logits.transpose(1, 2), tasks.query_y, reduction="none").mean(1))
             accs.append((logits.argmax(-1) == tasks.query_y).double().mean(1))
-        acc = torch.cat(accs).cpu()
-        ci = 1.96 * float(acc.std()) / math.sqrt(len(acc)) if len(acc) > 1 else 0.0
-        return {"val_loss": float(torch.cat(losses).mean()), "val_acc": float(acc.mean()), "val_ci95": ci}
+        acc, ci = mean_ci95(torch.cat(accs))
+        return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci}
 
     # -- the head and learned step sizes travel with the encoder's weights ---------------------
     def _extra_state(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ on an embedding set (seconds, from the embedding cache).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -265,9 +264,3 @@ def random_pairs(
     same = torch.cat([torch.ones(count, dtype=torch.bool), torch.zeros(len(keep), dtype=torch.bool)])
     return a, b, same
 
-
-def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and 1.96·std/√n of per-run accuracies."""
-    values = torch.as_tensor(values, dtype=torch.float64)
-    ci = 1.96 * float(values.std()) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return float(values.mean()), ci

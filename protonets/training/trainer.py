@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +25,7 @@ from encoders.factory import load_state_dict_file, read_checkpoint_dir
 from encoders.progress import progress_bar
 
 from ..heads import create_head
+from ..stats import mean_ci95
 from . import checkpoint as ckpt
 from .data import AUGMENTATIONS, ImageSet, augment, to_input
 from .episodes import EpisodeSampler
@@ -211,9 +211,8 @@ class EpisodicTrainer:
             losses.append(F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1))
             accs.append((logits.argmax(-1) == labels).double().mean(1))
         self.model.train(was_training)
-        acc = torch.cat(accs).cpu()
-        ci = 1.96 * float(acc.std()) / math.sqrt(len(acc)) if len(acc) > 1 else 0.0
-        return {"val_loss": float(torch.cat(losses).mean()), "val_acc": float(acc.mean()), "val_ci95": ci}
+        acc, ci = mean_ci95(torch.cat(accs))
+        return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci}
 
     def _is_better(self, scores: dict[str, float]) -> bool:
         best_acc, best_loss = self.best["val_acc"], self.best["val_loss"]

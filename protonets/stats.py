@@ -1,0 +1,20 @@
+"""The one confidence interval every reported accuracy carries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def mean_ci95(values: np.ndarray | torch.Tensor | Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% confidence half-width 1.96·std/√n (sample std; 0 for a single value)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    acc = np.asarray(values, dtype=np.float64).ravel()
+    if len(acc) == 0:
+        raise ValueError("mean_ci95 needs at least one value")
+    if len(acc) < 2:
+        return float(acc.mean()), 0.0
+    return float(acc.mean()), float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc)))

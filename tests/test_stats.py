@@ -1,0 +1,17 @@
+import numpy as np
+import pytest
+import torch
+
+from protonets.stats import mean_ci95
+
+
+def test_mean_ci95_is_the_sample_interval_for_arrays_tensors_and_lists():
+    acc = np.array([0.5, 0.75, 1.0, 0.25])
+    mean, ci = mean_ci95(acc)
+    assert mean == pytest.approx(0.625)
+    assert ci == pytest.approx(1.96 * np.std(acc, ddof=1) / 2)
+    assert mean_ci95(torch.tensor(acc)) == pytest.approx((mean, ci))
+    assert mean_ci95(list(acc)) == pytest.approx((mean, ci))
+    assert mean_ci95([0.9]) == (0.9, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_ci95([])

@@ -22,13 +22,12 @@ import torch
 
 from encoders import Encoder
 from encoders.errors import UserInputError
-from encoders.progress import progress_bar
 from protonets.maml.head import MAMLHead
 from protonets.maml.learner import MetaLearner
 from protonets.maml.train import LEARNER_DIR, evaluate_episodes, load_meta_learner
 
 from .episodes import Episodes
-from .protocol import episode_tensors, register_method
+from .protocol import batched_accuracy, register_method
 
 
 @dataclass
@@ -77,11 +76,6 @@ def is_meta_checkpoint(directory: str | None) -> bool:
     return directory is not None and os.path.isdir(os.path.join(directory, LEARNER_DIR))
 
 
-def _chunk(episodes: Episodes, dim: int, budget_bytes: int = 128 << 20) -> int:
-    per_episode = episodes.ways * (episodes.shots + episodes.queries) * dim * 4 * 4  # inputs + grads
-    return max(1, min(len(episodes), budget_bytes // max(per_episode, 1)))
-
-
 @register_method("maml")
 def maml(
     embeddings: torch.Tensor,
@@ -102,12 +96,13 @@ def maml(
     if meta is not None:
         return meta.evaluate(episodes, progress)
     head = MAMLHead(metric, feature_transform, scale, steps, lr)
-    out = np.empty(len(episodes))
-    step = _chunk(episodes, embeddings.shape[1])
-    with torch.no_grad():
-        for start in progress_bar(range(0, len(episodes), step), progress, desc="maml episodes"):
-            stop = min(start + step, len(episodes))
-            support, s_labels, query, q_labels = episode_tensors(embeddings, episodes, start, stop)
-            logits = head.episode_logits(support, s_labels.contiguous(), query, episodes.ways)
-            out[start:stop] = (logits.argmax(-1) == q_labels).double().mean(1).numpy()
-    return out
+    return batched_accuracy(
+        embeddings,
+        episodes,
+        lambda s, y, q: head.episode_logits(s, y.contiguous(), q, episodes.ways),
+        progress,
+        episode_bytes=episodes.ways * (episodes.shots + episodes.queries) * embeddings.shape[1] * 16,
+        budget_bytes=128 << 20,  # inputs and their gradients
+        autograd=True,
+        desc="maml episodes",
+    )

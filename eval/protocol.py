@@ -49,21 +49,34 @@ def episode_tensors(
     return support, support_labels, query, query_labels
 
 
-def _chunk_size(episodes: Episodes, dim: int, budget_bytes: int = 256 << 20) -> int:
-    per_episode = episodes.ways * (episodes.shots + episodes.queries) * (dim * 4 + episodes.ways * 8)
-    return max(1, min(len(episodes), budget_bytes // max(per_episode, 1)))
+def _chunk_size(episodes: Episodes, episode_bytes: int, budget_bytes: int) -> int:
+    return max(1, min(len(episodes), budget_bytes // max(episode_bytes, 1)))
 
 
-def _batched(
+def batched_accuracy(
     embeddings: torch.Tensor,
     episodes: Episodes,
     logits_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     progress: bool = False,
+    *,
+    episode_bytes: int | None = None,
+    budget_bytes: int = 256 << 20,
+    autograd: bool = False,
+    desc: str = "episodes",
 ) -> np.ndarray:
+    """Per-episode accuracies `[E]` of `logits_fn(support, support_labels, queries)` (batched).
+
+    Episodes go through in chunks of about `budget_bytes` of working memory, `episode_bytes`
+    each (default: a metric head's distances). `autograd=True` runs under `no_grad` rather than
+    `inference_mode`, so that a head may enable gradients inside (test-time fine-tuning).
+    """
+    n, k, q = episodes.ways, episodes.shots, episodes.queries
+    if episode_bytes is None:
+        episode_bytes = n * (k + q) * (embeddings.shape[1] * 4 + n * 8)
     out = np.empty(len(episodes))
-    step = _chunk_size(episodes, embeddings.shape[1])
-    with torch.inference_mode():
-        for start in progress_bar(range(0, len(episodes), step), progress, desc="episodes"):
+    step = _chunk_size(episodes, episode_bytes, budget_bytes)
+    with torch.no_grad() if autograd else torch.inference_mode():
+        for start in progress_bar(range(0, len(episodes), step), progress, desc=desc):
             stop = min(start + step, len(episodes))
             support, s_labels, query, q_labels = episode_tensors(embeddings, episodes, start, stop)
             predicted = logits_fn(support, s_labels, query).argmax(-1)
@@ -74,7 +87,7 @@ def _batched(
 def _head_method(**head_kwargs: Any) -> MethodFn:
     def run(embeddings: torch.Tensor, episodes: Episodes, progress: bool = False, **_: Any) -> np.ndarray:
         head = create_head("prototype", **head_kwargs)
-        return _batched(
+        return batched_accuracy(
             embeddings, episodes, lambda s, y, q: head.episode_logits(s, y, q, episodes.ways), progress
         )
 
@@ -100,7 +113,7 @@ def knn(
         rank_bonus = torch.linspace(1e-3, 0, kk).view(1, 1, kk, 1)  # nearer neighbours break ties
         return (votes.double() + rank_bonus).sum(2)
 
-    return _batched(embeddings, episodes, logits, progress)
+    return batched_accuracy(embeddings, episodes, logits, progress)
 
 
 @register_method("logreg")

@@ -21,12 +21,11 @@ import torch
 
 from encoders import ImageItem, list_images
 from encoders.errors import UserInputError
-from encoders.progress import progress_bar
 from protonets.siamese import SiameseHead, load_siamese_head
 
 from .datasets import FewShotDataset
 from .episodes import Episodes
-from .protocol import episode_tensors, register_method
+from .protocol import batched_accuracy, register_method
 
 HEAD_ENV = "PROTONETS_SIAMESE_HEAD"
 _HEADS: dict[str, SiameseHead] = {}
@@ -66,15 +65,15 @@ def siamese(
         model.reduce = reduce
     n, k, q = episodes.ways, episodes.shots, episodes.queries
     width = model.dim * (2 if model.product else 1)
-    step = max(1, min(len(episodes), (64 << 20) // max(1, n * n * k * q * width * 4)))
-    out = np.empty(len(episodes))
-    with torch.inference_mode():
-        for start in progress_bar(range(0, len(episodes), step), progress, desc="siamese episodes"):
-            stop = min(start + step, len(episodes))
-            support, s_labels, query, q_labels = episode_tensors(embeddings, episodes, start, stop)
-            logits = model.episode_logits(support, s_labels, query, n)
-            out[start:stop] = (logits.argmax(-1) == q_labels).double().mean(1).numpy()
-    return out
+    return batched_accuracy(
+        embeddings,
+        episodes,
+        lambda s, y, qx: model.episode_logits(s, y, qx, n),
+        progress,
+        episode_bytes=n * n * k * q * width * 4,  # the pair features of every (query, support)
+        budget_bytes=64 << 20,
+        desc="siamese episodes",
+    )
 
 
 # -- Omniglot by alphabet -------------------------------------------------------------------------

@@ -70,9 +70,11 @@ def test_chunking_does_not_change_results(monkeypatch):
 
     emb, labels = _clusters()
     ep = sample_episodes(labels, 5, 1, 5, episodes=30, seed=4)
-    whole = evaluate(emb, ep, "cl2n")
-    monkeypatch.setattr(protocol, "_chunk_size", lambda *a, **k: 7)
-    np.testing.assert_allclose(evaluate(emb, ep, "cl2n"), whole)
+    methods = ("cl2n", "knn", "maml")
+    whole = {m: evaluate(emb, ep, m) for m in methods}
+    monkeypatch.setattr(protocol, "_chunk_size", lambda *a, **k: 7)  # every method chunks through it
+    for m in methods:
+        np.testing.assert_allclose(evaluate(emb, ep, m), whole[m], atol=1e-12, err_msg=m)
 
 
 def test_mean_ci95():

@@ -7,7 +7,8 @@ test time: the body is not adapted). All episodes of a chunk adapt at once under
 Given a meta-trained learner (`meta=MetaEpisodes(...)`, what `protonets eval --method maml
 --checkpoint DIR` passes for a checkpoint of `protonets train --method maml|fomaml|anil`), the
 method instead adapts that learner (body and head, as it was meta-trained) on each episode's
-support images and scores its query images; the cached embeddings are not used.
+support images and scores its query images; a head meta-trained on a frozen encoder
+(`--freeze-encoder`) adapts on the cached embeddings of that encoder instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from encoders import Encoder
 from encoders.errors import UserInputError
+from protonets.maml.frozen import accuracy, episode_tasks, head_features
 from protonets.maml.head import MAMLHead
 from protonets.maml.learner import MetaLearner
 from protonets.maml.train import LEARNER_DIR, evaluate_episodes, load_meta_learner
@@ -57,9 +59,18 @@ class MetaEpisodes:
                 "fits any number of ways)"
             )
 
-    def evaluate(self, episodes: Episodes, progress: bool = False) -> np.ndarray:
-        """Per-episode accuracy of the learner adapted on each episode's support images."""
+    def evaluate(self, episodes: Episodes, embeddings: torch.Tensor, progress: bool = False) -> np.ndarray:
+        """Per-episode accuracy of the learner adapted on each episode's support set.
+
+        A learner with a body adapts on the support images; a head meta-trained on a frozen
+        encoder (no body) adapts on the episodes' `embeddings` from that encoder.
+        """
         self.check_ways(episodes.ways)
+        if self.learner.body is None:
+            tasks = episode_tasks(
+                head_features(embeddings), torch.from_numpy(episodes.indices), episodes.shots
+            )
+            return accuracy(self.learner, tasks, self.steps)[1].numpy()
         return evaluate_episodes(
             self.learner,
             self.encoder,
@@ -94,7 +105,7 @@ def maml(
     meta: evaluate this meta-trained learner on the episodes' images instead (see the module).
     """
     if meta is not None:
-        return meta.evaluate(episodes, progress)
+        return meta.evaluate(episodes, embeddings, progress)
     head = MAMLHead(metric, feature_transform, scale, steps, lr)
     return batched_accuracy(
         embeddings,

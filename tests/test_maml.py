@@ -604,3 +604,95 @@ def test_eval_command_adapts_a_meta_trained_checkpoint_on_episode_images(tmp_pat
         from eval.maml_methods import MetaEpisodes
 
         MetaEpisodes(learner, encoder, dataset.items).check_ways(5)
+
+
+def test_frozen_anil_head_meta_trains_on_embeddings_and_beats_its_start():
+    """ANIL on cached embeddings (Meta-SGD step sizes): validation accuracy rises well above the start."""
+    from protonets.maml.frozen import accuracy, episode_tasks, head_features, train_frozen_anil
+    from protonets.maml.train import MetaConfig, create_meta_learner
+    from protonets.training import TrainConfig
+    from protonets.training.episodes import EpisodeSampler
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(40), 10)
+    centers = rng.normal(size=(40, 16))
+    emb = torch.as_tensor(centers[labels] + 0.8 * rng.normal(size=(400, 16)), dtype=torch.float32)
+    train, val = labels < 30, labels >= 30
+    config = TrainConfig(ways=5, shots=1, queries=3, episodes=60, lr=0.05, val_ways=5, val_shots=1)
+    config.val_queries, config.val_episodes, config.val_every = 3, 100, 20
+    meta = MetaConfig(
+        method="anil", frozen_encoder=True, inner_steps=1, eval_inner_steps=1, inner_lr=0.5, meta_sgd=True
+    )
+    torch.manual_seed(0)
+    learner = create_meta_learner(None, 16, 5, meta)
+    assert learner.body is None
+    sampler = EpisodeSampler(torch.as_tensor(labels[val]) - 30, 5, 1, 3, torch.Generator().manual_seed(9))
+    tasks = episode_tasks(head_features(emb[val]), sampler.sample_many(100), 1)
+    before = float(accuracy(learner, tasks, 1)[1].mean())
+    history = train_frozen_anil(
+        learner,
+        emb[train],
+        torch.as_tensor(labels[train]),
+        emb[val],
+        torch.as_tensor(labels[val]) - 30,
+        config,
+        meta_batch=8,
+        eval_steps=1,
+    )
+    assert [r["step"] for r in history] == [20, 40, 60]
+    after = float(accuracy(learner, tasks, 1)[1].mean())
+    assert after > before + 0.1 and after > 0.6, (before, after)
+    best = max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert best["best"] and sum(r["best"] for r in history) >= 1
+
+
+def test_train_command_anil_on_a_frozen_encoder_and_eval_on_its_embeddings(tmp_path, capsys):
+    """`protonets train --method anil --freeze-encoder` → `protonets eval --method maml` on embeddings."""
+    from encoders import UserInputError
+    from eval.datasets import load_dataset
+    from eval.episodes import sample_episodes
+    from eval.run import embed_dataset
+    from protonets.cli import main
+    from protonets.maml.frozen import accuracy, episode_tasks, head_features
+    from protonets.maml.train import MetaConfig, load_meta_learner
+    from tests.conftest import EXAMPLES
+
+    data, out, cache = str(EXAMPLES / "support"), tmp_path / "anil", str(tmp_path / "cache")
+    args = ["train", "--method", "anil", "--freeze-encoder", "--dataset", "folder", "--data", data]
+    args += ["--val-split", "none", "--episodes", "4", "--meta-batch", "2", "--ways", "3", "--shots", "1"]
+    args += ["--queries", "2", "--cache-dir", cache, "--output", str(out), "--quiet"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frozen_encoder"] and manifest["maml"]["frozen_encoder"]
+    learner, encoder, config = load_meta_learner(out)
+    assert learner.body is None and config.method == "anil"
+
+    evaluate = [
+        "eval",
+        "--dataset",
+        "folder",
+        "--data",
+        data,
+        "--ways",
+        "3",
+        "--shots",
+        "1",
+        "--queries",
+        "2",
+    ]
+    evaluate += ["--episodes", "5", "--checkpoint", str(out), "--cache-dir", cache, "--quiet"]
+    evaluate += ["--method", "maml", "--output", str(tmp_path / "r.json")]
+    assert main(evaluate) == 0
+    row = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    dataset = load_dataset("folder", data, None)
+    batch = sample_episodes(dataset.labels, 3, 1, 2, 5, seed=0, class_names=dataset.class_names)
+    emb = embed_dataset(dataset, encoder, cache_dir=cache, progress=False)
+    tasks = episode_tasks(head_features(emb), torch.from_numpy(batch.indices), 1)
+    expected = accuracy(learner, tasks, config.eval_inner_steps)[1].mean()
+    assert row["accuracy"] == pytest.approx(float(expected), abs=1e-6)
+
+    capsys.readouterr()
+    assert main([*args[:2], "maml", *args[3:-3], "--output", str(tmp_path / "other"), "--quiet"]) != 0
+    assert "use it with --method siamese or anil" in capsys.readouterr().err
+    with pytest.raises(UserInputError, match="use --method anil with --freeze-encoder"):
+        MetaConfig(method="fomaml", frozen_encoder=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from encoders import Encoder, create_encoder
+from encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from encoders.errors import UserInputError
 
 from .common import positive_int, resolve_device
@@ -82,6 +82,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--pretrained", action="store_true", help="start from the encoder's pretrained weights (fine-tune)"
     )
     g.add_argument("--image-size", type=positive_int, default=None, help="override the input side")
+    g.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="siamese, anil: train the head alone on the frozen --encoder's cached embeddings "
+        f"(default encoder: {DEFAULT_ENCODER}, pretrained)",
+    )
+    g.add_argument("--cache-dir", default=None, help="embedding cache for --freeze-encoder")
     g.add_argument("--metric", choices=["euclidean", "cosine"], default=None, help="default: euclidean")
 
     g = p.add_argument_group("episodes (defaults: omniglot 60-way 5-shot 5-query, else 5/5/15)")
@@ -163,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
         return run_train(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.freeze_encoder and args.method != "anil":
+        raise UserInputError(
+            f"--freeze-encoder trains a head alone: use it with --method siamese or anil, not {args.method}"
+        )
     device = resolve_device(args.device)
     _check_output(args)
     defaults = DEFAULTS[args.dataset]
@@ -172,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
 
     given = _given(args)
     saved: dict[str, Any] | None = None
+    if args.resume and args.freeze_encoder:
+        raise UserInputError(
+            "--freeze-encoder trains in minutes from cached embeddings; start again instead of --resume"
+        )
     if args.resume:
         saved, _ = load_state(args.output)
         config = TrainConfig.from_dict(saved["config"])
@@ -196,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
             values["val_ways"] = given.get("val_ways", values["ways"])
         config = TrainConfig(**{**values, **given})
         name, preprocessing, model_kwargs = args.encoder or "conv4", None, {}
+    if args.freeze_encoder:  # the ANIL head alone on cached embeddings (protonets/maml/cli.py)
+        from protonets.maml.cli import run_frozen
+
+        return run_frozen(args, config, split, val_split, device)
 
     torch.manual_seed(config.seed)
     encoder = create_encoder(

@@ -66,3 +66,76 @@ def make_trainer(
     return MetaTrainer(
         encoder, train, val, config, meta_config(args, saved), output=os.fspath(args.output), **kwargs
     )
+
+
+def run_frozen(
+    args: argparse.Namespace, config: TrainConfig, split: str | None, val_split: str | None, device: str
+) -> int:
+    """`protonets train --method anil --freeze-encoder`: the head alone on cached embeddings."""
+    import time
+
+    import torch
+
+    from encoders import DEFAULT_ENCODER, create_encoder, weights_sha256
+    from eval.datasets import load_dataset
+    from eval.run import embed_dataset
+
+    from ..training import checkpoint as ckpt
+    from .frozen import train_frozen_anil
+    from .train import LEARNER_DIR, create_meta_learner, save_learner_extra
+
+    start = time.time()
+    meta = meta_config(args)
+    meta.frozen_encoder = True
+    meta.__post_init__()
+    name = args.encoder or DEFAULT_ENCODER
+    encoder = create_encoder(name, pretrained=True, device=device)
+    sets = {"train": load_dataset(args.dataset, args.data, split)}
+    if val_split:
+        sets["val"] = load_dataset(args.dataset, args.data, val_split)
+    emb = {
+        k: embed_dataset(d, encoder, cache_dir=args.cache_dir, progress=not args.quiet)
+        for k, d in sets.items()
+    }
+    labels = {k: torch.from_numpy(d.labels) for k, d in sets.items()}
+    learner = create_meta_learner(None, emb["train"].shape[1], config.ways, meta)
+    history = train_frozen_anil(
+        learner,
+        emb["train"],
+        labels["train"],
+        emb.get("val"),
+        labels.get("val"),
+        config,
+        meta.meta_batch,
+        meta.eval_inner_steps,
+        progress=not args.quiet,
+    )
+    best = max((r for r in history if "val_acc" in r), key=lambda r: r["val_acc"], default=history[-1])
+    encoder_sha = weights_sha256(encoder.model)
+    save_learner_extra(args.output, learner, meta, config.ways, body_sha256=encoder_sha)
+    extra = {
+        "method": "anil",
+        "frozen_encoder": True,
+        "head": {"name": "maml", "ways": config.ways, "learner": LEARNER_DIR},
+        "maml": meta.to_dict(),
+        "training": config.to_dict(),
+        "step": best["step"],
+        "validation": {k: best[k] for k in ("val_acc", "val_loss") if k in best},
+        "dataset": {
+            "kind": args.dataset,
+            "root": os.path.abspath(args.data),
+            "split": split,
+            "val": val_split,
+        },
+    }
+    ckpt.save_checkpoint(args.output, encoder.model, name, encoder.preprocessing, extra)
+    for record in history:
+        ckpt.append_log(args.output, record)
+    print(f"meta-trained the ANIL head on frozen {name} embeddings in {time.time() - start:.0f} s")
+    if "val_acc" in best:
+        print(
+            f"best validation ({config.val_ways}-way {config.val_shots}-shot, {config.val_episodes} "
+            f"episodes): {100 * best['val_acc']:.2f}% at step {best['step']}"
+        )
+    print(f"checkpoint: {args.output}  (protonets eval --method maml --checkpoint {args.output} ...)")
+    return 0

@@ -53,6 +53,7 @@ class MetaConfig:
     proto_init: bool = False
     batchnorm: str = "batch"
     chunk_size: int | None = None
+    frozen_encoder: bool = False  # ANIL head alone on cached embeddings (protonets.maml.frozen)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -65,6 +66,10 @@ class MetaConfig:
                 raise UserInputError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.inner_lr >= 0:
             raise UserInputError(f"inner_lr must be 0 or more, got {self.inner_lr}")
+        if self.frozen_encoder and self.method != "anil":
+            raise UserInputError(
+                "a frozen encoder leaves only the head to meta-learn: use --method anil with --freeze-encoder"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,15 +80,16 @@ class MetaConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def create_meta_learner(body: nn.Module, dim: int, ways: int, config: MetaConfig) -> MetaLearner:
+def create_meta_learner(body: nn.Module | None, dim: int, ways: int, config: MetaConfig) -> MetaLearner:
     """`MetaLearner` for `config.method`: body (the encoder's model) + a linear `dim -> ways` head.
 
     maml / fomaml adapt every parameter (second / first order); anil adapts the head only and
-    runs the body once per task. `proto_init` starts the head at the task's prototypes.
+    runs the body once per task. `proto_init` starts the head at the task's prototypes. With
+    `config.frozen_encoder` the learner is the head alone (the body is None), on embeddings.
     """
     return MetaLearner(
         nn.Linear(dim, ways),
-        body,
+        None if config.frozen_encoder else body,
         F.cross_entropy,
         steps=config.inner_steps,
         lr=config.inner_lr,
@@ -241,9 +247,17 @@ class MetaTrainer(EpisodicTrainer):
 
 
 def save_learner_extra(
-    directory: str | os.PathLike[str], learner: MetaLearner, config: MetaConfig, ways: int
+    directory: str | os.PathLike[str],
+    learner: MetaLearner,
+    config: MetaConfig,
+    ways: int,
+    body_sha256: str | None = None,
 ) -> None:
-    """Write `DIR/maml/`: the head, learned step sizes and settings (safetensors + JSON)."""
+    """Write `DIR/maml/`: the head, learned step sizes and settings (safetensors + JSON).
+
+    body_sha256: for a head without a body (frozen encoder), the weights hash of the encoder
+    whose embeddings it was trained on; with a body, the body's own hash is recorded.
+    """
     state = {
         k: v.detach().cpu().contiguous() for k, v in learner.state_dict().items() if not k.startswith("body.")
     }
@@ -253,7 +267,7 @@ def save_learner_extra(
         "config": config.to_dict(),
         "ways": ways,
         "dim": learner.head.in_features,
-        "body_weights_sha256": weights_sha256(learner.body) if learner.body is not None else None,
+        "body_weights_sha256": weights_sha256(learner.body) if learner.body is not None else body_sha256,
     }
     save_bundle(
         os.path.join(directory, LEARNER_DIR), manifest, {"learner.safetensors": lambda p: save_file(state, p)}
@@ -285,7 +299,8 @@ def load_meta_learner(
         )
     config = MetaConfig.from_dict(manifest["config"])
     learner = create_meta_learner(encoder.model, int(manifest["dim"]), int(manifest["ways"]), config)
-    learner.load_state_dict({**extra, **{f"body.{k}": v for k, v in encoder.model.state_dict().items()}})
+    body = {} if learner.body is None else {f"body.{k}": v for k, v in encoder.model.state_dict().items()}
+    learner.load_state_dict({**extra, **body})
     return learner.to(device), encoder, config
 
 

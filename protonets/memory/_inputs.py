@@ -26,8 +26,7 @@ def as_matrix(x: Any, dim: int, name: str) -> np.ndarray:
             )
     else:
         raise TypeError(
-            f"{name} must be a numpy array or torch tensor of shape [N, {dim}], "
-            f"got {type(x).__name__}"
+            f"{name} must be a numpy array or torch tensor of shape [N, {dim}], got {type(x).__name__}"
         )
     if x.ndim != 2:
         hint = f"; for one vector use {name}.reshape(1, -1)" if x.ndim == 1 else ""

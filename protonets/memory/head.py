@@ -28,8 +28,6 @@ class MemoryHead(torch.nn.Module):
         column = {name: j for j, name in enumerate(names)}
         missing = [c for c in self.classes if c not in column]
         if missing:
-            raise RuntimeError(
-                f"class {missing[0]!r} is no longer in the memory; fit the classifier again"
-            )
+            raise RuntimeError(f"class {missing[0]!r} is no longer in the memory; fit the classifier again")
         logits = torch.from_numpy(scores[:, np.array([column[c] for c in self.classes])])
         return self.scale * logits if self.memory.metric == "cosine" else logits

@@ -343,9 +343,7 @@ class SupportMemory:
             labels[found] = names[self._labels[ids[found]]]
         return (scores, labels, ids) if return_ids else (scores, labels)
 
-    def classify(
-        self, queries: Any, mode: str = "prototype", k: int = 10
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def classify(self, queries: Any, mode: str = "prototype", k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Class of each query and its score: (labels `[Q]`, scores `[Q]`).
 
         mode='prototype': nearest class mean (the dense PrototypeHead's answer; cosine memories
@@ -417,9 +415,7 @@ class SupportMemory:
             save_bundle(directory, manifest, files)
 
     @classmethod
-    def load(
-        cls, directory: str | os.PathLike[str], encoder: Any = None
-    ) -> SupportMemory:
+    def load(cls, directory: str | os.PathLike[str], encoder: Any = None) -> SupportMemory:
         """Load a saved memory, verifying every file's checksum.
 
         `encoder` (an `encoders.Encoder` or its fingerprint dict) makes load refuse a memory
@@ -477,9 +473,7 @@ class SupportMemory:
         tensors = load_file(files["prototypes.safetensors"])
         sums, counts = tensors["sums"], tensors["counts"]
         if sums.shape != (len(names), mem.dim) or counts.shape != (len(names),):
-            raise ValueError(
-                f"prototype sums have shape {sums.shape}, expected ({len(names)}, {mem.dim})"
-            )
+            raise ValueError(f"prototype sums have shape {sums.shape}, expected ({len(names)}, {mem.dim})")
         alive = labels[labels >= 0]
         if not np.array_equal(np.bincount(alive, minlength=len(names)), counts):
             raise ValueError("class counts disagree with the labels file")
@@ -487,8 +481,7 @@ class SupportMemory:
             vectors = np.load(files["vectors.npy"], allow_pickle=False)
             if vectors.dtype != np.float32 or vectors.shape != (n, mem.dim):
                 raise ValueError(
-                    f"vectors file holds {vectors.dtype} {vectors.shape}, expected float32 "
-                    f"({n}, {mem.dim})"
+                    f"vectors file holds {vectors.dtype} {vectors.shape}, expected float32 ({n}, {mem.dim})"
                 )
             mem._vectors = vectors
         if "index.faiss" in files:
@@ -496,8 +489,7 @@ class SupportMemory:
             expected = n if isinstance(index, faiss.IndexHNSW) else len(alive)
             if index.d != mem.dim or index.ntotal != expected:
                 raise ValueError(
-                    f"index holds {index.ntotal} vectors of {index.d} dims, expected "
-                    f"{expected} of {mem.dim}"
+                    f"index holds {index.ntotal} vectors of {index.d} dims, expected {expected} of {mem.dim}"
                 )
             mem._index = index
         elif m["structure"] != "flat" or not mem.keep_vectors:

@@ -21,12 +21,6 @@ from encoders.errors import UserInputError
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """The options of `protonets train` that only `--method siamese` reads."""
     g = parser.add_argument_group("siamese (--method siamese)")
-    g.add_argument(
-        "--freeze-encoder",
-        action="store_true",
-        help="train the head alone on the frozen --encoder's cached embeddings (default encoder: "
-        f"{DEFAULT_ENCODER}, pretrained)",
-    )
     g.add_argument("--loss", choices=["bce", "contrastive"], default="bce", help="pair loss (default bce)")
     g.add_argument("--hard-fraction", type=float, default=0.5, help="share of hardest negatives (0.5)")
     g.add_argument(
@@ -37,7 +31,6 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reduce", choices=["max", "mean"], default="max", help="class score over supports")
     g.add_argument("--affine", action="store_true", help="Koch's random affine distortions")
     g.add_argument("--far", type=float, default=0.01, help="false-accept rate to calibrate for (0.01)")
-    g.add_argument("--cache-dir", default=None, help="embedding cache for --freeze-encoder")
 
 
 def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) -> int:

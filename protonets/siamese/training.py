@@ -263,4 +263,3 @@ def random_pairs(
     b = torch.cat([pos_b, neg_b[keep]])
     same = torch.cat([torch.ones(count, dtype=torch.bool), torch.zeros(len(keep), dtype=torch.bool)])
     return a, b, same
-

@@ -30,7 +30,11 @@ from protonets.training import preload_images, to_input  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/siamese-conv4-omniglot")
-    p.add_argument("--data", default="/work/shared/data/omniglot")
+    p.add_argument(
+        "--data",
+        default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot"),
+        help="Omniglot root (default: ../shared/data/omniglot beside the repository)",
+    )
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument("--ways", type=int, default=20)
     p.add_argument("--pairs", type=int, default=10000, help="same and different pairs for the ROC")

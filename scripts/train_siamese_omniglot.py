@@ -44,7 +44,11 @@ def load_set(root, alphabets, rotations, preprocessing, cache):  # noqa: ANN001,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data/omniglot")
+    p.add_argument(
+        "--data",
+        default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot"),
+        help="Omniglot root (default: ../shared/data/omniglot beside the repository)",
+    )
     p.add_argument("--output", required=True)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--ways", type=int, default=50, help="classes per batch")

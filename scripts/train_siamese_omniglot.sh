@@ -6,28 +6,28 @@
 #
 #   scripts/train_siamese_omniglot.sh [OUTPUT_DIR]
 #
-# Environment: DATA (Omniglot root), STEPS (default 1100; the CPU budget here), THREADS (2),
+# Environment: DATA (Omniglot root), STEPS (default 6000; the CPU budget here), THREADS (2),
 # PYTHON (.venv/bin/python), EXTRA (more train_siamese_omniglot.py options, e.g. --resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-checkpoints/siamese-conv4-omniglot}
-DATA=${DATA:-/work/shared/data/omniglot}
-STEPS=${STEPS:-1100}
+DATA=${DATA:-../shared/data/omniglot}
+STEPS=${STEPS:-6000}
 THREADS=${THREADS:-2}
 PYTHON=${PYTHON:-.venv/bin/python}
 
 start=$(date +%s)
 # shellcheck disable=SC2086
 "$PYTHON" scripts/train_siamese_omniglot.py --data "$DATA" --output "$OUT" --steps "$STEPS" \
-    --ways 50 --shots 2 --queries 2 --lr 1e-3 --lr-step 500 --proto-weight 1.0 --loss bce \
-    --hard-fraction 0.5 --augment affine --val-every 75 --val-runs 300 --far 0.01 --seed 0 \
+    --ways 50 --shots 2 --queries 2 --lr 1e-3 --lr-step 2500 --proto-weight 1.0 --loss bce \
+    --hard-fraction 0.5 --augment affine --val-every 500 --val-runs 500 --far 0.01 --seed 0 \
     --threads "$THREADS" --quiet ${EXTRA:-}
 echo "training wall time: $(( $(date +%s) - start )) s"
 
 "$PYTHON" scripts/eval_within_alphabet.py --checkpoint "$OUT" --data "$DATA" --runs 1000 --seed 0 \
     --threads "$THREADS" --output "$OUT/within_alphabet.json"
 
-PROTONETS_SIAMESE_HEAD="$OUT" "$PYTHON" -m protonets eval --dataset omniglot --data "$DATA" --split test \
+"$PYTHON" -m protonets eval --dataset omniglot --data "$DATA" --split test --head-checkpoint "$OUT" \
     --ways 20 --shots 1 --queries 15 --episodes 1000 --seed 0 --method siamese prototype \
     --checkpoint "$OUT" --no-cache --quiet --output "$OUT/vinyals_test.json"
 echo "total wall time: $(( $(date +%s) - start )) s"

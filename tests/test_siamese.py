@@ -205,9 +205,14 @@ def test_train_command_method_siamese_joint_and_frozen(tmp_path, capsys):
     data = _image_folder(tmp_path / "data")
     common = ["train", "--method", "siamese", "--dataset", "folder", "--data", data, "--quiet"]
     joint = [*common, "--val-split", "none", "--ways", "3", "--shots", "1", "--queries", "2"]
-    assert main([*joint, "--episodes", "2", "--affine", "--output", str(tmp_path / "joint")]) == 0
+    joint_out = ["--affine", "--image-size", "32", "--output", str(tmp_path / "joint")]
+    assert main([*joint, "--episodes", "2", *joint_out]) == 0
     encoder, head, manifest = load_siamese(tmp_path / "joint")
     assert manifest["method"] == "siamese" and manifest["training"]["augment"] == "affine"
+    assert encoder.preprocessing["input_size"] == [1, 32, 32]  # --image-size is honoured
+    capsys.readouterr()
+    assert main([*joint, "--episodes", "3", *joint_out[:2], "28", *joint_out[3:], "--resume"]) != 0
+    assert "cannot change --image-size when resuming" in capsys.readouterr().err
     frozen = [*common, "--freeze-encoder", "--episodes", "20", "--ways", "3", "--val-every", "10"]
     assert main([*frozen, "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "frozen")]) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
-from encoders import DEFAULT_ENCODER, list_images
+from encoders import DEFAULT_ENCODER, Encoder, list_images
 from encoders.errors import UserInputError
 
 
@@ -126,3 +126,21 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, value: str = "
         for r in rows:
             others = ", ".join(f"{c} {v:.3f}" for c, v in r["top_k"])
             out.write(f"{r['query']:<{width}}  {r['label']:<{lwidth}}  {r[value]:>7.3f}  {others}\n")
+
+
+def with_image_size(encoder: Encoder, image_size: int | None, resuming: bool = False) -> Encoder:
+    """`encoder` with its input side set to `--image-size` (None: unchanged).
+
+    A resumed run keeps the size it was trained at; asking for another one is an error.
+    """
+    current = int(encoder.preprocessing["input_size"][-1])
+    if not image_size or image_size == current:
+        return encoder
+    if resuming:
+        raise UserInputError(
+            f"cannot change --image-size when resuming: the run was trained at {current} px; "
+            "leave --image-size out or start a new run"
+        )
+    channels = encoder.preprocessing["input_size"][0]
+    pre = {**encoder.preprocessing, "input_size": [channels, image_size, image_size]}
+    return Encoder(encoder.model, encoder.name, pre, device=encoder.device)

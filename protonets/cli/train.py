@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from encoders import DEFAULT_ENCODER, Encoder, create_encoder
+from encoders import DEFAULT_ENCODER, create_encoder
 from encoders.errors import UserInputError
 
-from .common import positive_int, resolve_device
+from .common import positive_int, resolve_device, with_image_size
 
 log = logging.getLogger("protonets")
 
@@ -224,10 +224,7 @@ def run(args: argparse.Namespace) -> int:
         preprocessing=preprocessing,
         **model_kwargs,
     )
-    if args.image_size and not args.resume:
-        channels = encoder.preprocessing["input_size"][0]
-        pre = {**encoder.preprocessing, "input_size": [channels, args.image_size, args.image_size]}
-        encoder = Encoder(encoder.model, name, pre, device=device)
+    encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
     train = _load_images(args, split, encoder.preprocessing, "training images")
     val = _load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
     if val is None:

@@ -72,6 +72,7 @@ def run_frozen(
     args: argparse.Namespace, config: TrainConfig, split: str | None, val_split: str | None, device: str
 ) -> int:
     """`protonets train --method anil --freeze-encoder`: the head alone on cached embeddings."""
+    import dataclasses
     import time
 
     import torch
@@ -79,17 +80,16 @@ def run_frozen(
     from encoders import DEFAULT_ENCODER, create_encoder, weights_sha256
     from eval.datasets import load_dataset
     from eval.run import embed_dataset
+    from protonets.cli.common import with_image_size
 
     from ..training import checkpoint as ckpt
     from .frozen import train_frozen_anil
     from .train import LEARNER_DIR, create_meta_learner, save_learner_extra
 
     start = time.time()
-    meta = meta_config(args)
-    meta.frozen_encoder = True
-    meta.__post_init__()
+    meta = dataclasses.replace(meta_config(args), frozen_encoder=True)
     name = args.encoder or DEFAULT_ENCODER
-    encoder = create_encoder(name, pretrained=True, device=device)
+    encoder = with_image_size(create_encoder(name, pretrained=True, device=device), args.image_size)
     sets = {"train": load_dataset(args.dataset, args.data, split)}
     if val_split:
         sets["val"] = load_dataset(args.dataset, args.data, val_split)

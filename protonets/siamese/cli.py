@@ -36,6 +36,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) -> int:
     from eval.datasets import load_dataset
     from eval.run import embed_dataset
+    from protonets.cli.common import with_image_size
 
     from ..training.checkpoint import append_log
     from .checkpoint import save_siamese_checkpoint
@@ -45,7 +46,7 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
     if args.resume:
         raise UserInputError("--freeze-encoder trains in seconds; start again instead of --resume")
     name = args.encoder or DEFAULT_ENCODER
-    encoder = create_encoder(name, pretrained=True, device=args.device)
+    encoder = with_image_size(create_encoder(name, pretrained=True, device=args.device), args.image_size)
     sets = {"train": load_dataset(args.dataset, args.data, split)}
     if val_split:
         sets["val"] = load_dataset(args.dataset, args.data, val_split)
@@ -99,14 +100,13 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
         f"threshold for FAR {args.far:g} on {held} pairs: {calibration['threshold']:.3f} "
         f"(FAR {calibration['far']:.4f}, TAR {calibration['tar']:.4f}, AUC {calibration['auc']:.4f})"
     )
-    print(
-        f"checkpoint: {args.output}  (PROTONETS_SIAMESE_HEAD={args.output} protonets eval --method siamese)"
-    )
+    print(f"checkpoint: {args.output}  (protonets eval --method siamese --head-checkpoint {args.output} ...)")
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
     """`protonets train --method siamese ...`."""
+    from protonets.cli.common import with_image_size
     from protonets.cli.train import _check_output, _given, _load_images, _splits
 
     from .training import SiameseConfig, SiameseTrainer
@@ -141,6 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
     encoder = create_encoder(
         name, pretrained=args.pretrained and not args.resume, device=args.device, preprocessing=preprocessing
     )
+    encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
     train = _load_images(args, split, encoder.preprocessing, "training images")
     val = _load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
     meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}

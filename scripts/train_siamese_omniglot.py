@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from encoders import create_encoder  # noqa: E402
 from eval.siamese_methods import omniglot_alphabets, within_alphabet_episodes  # noqa: E402
+from protonets.cli.common import resolve_device, with_image_size  # noqa: E402
 from protonets.siamese import SiameseConfig, SiameseTrainer, random_pairs, save_siamese_checkpoint  # noqa: E402
 from protonets.training import ImageSet, preload_images, to_input  # noqa: E402
 
@@ -34,7 +35,7 @@ def load_set(root, alphabets, rotations, preprocessing, cache):  # noqa: ANN001,
     data, alpha, drawer = omniglot_alphabets(root, True, alphabets, rotations)
     if cache and os.path.isfile(cache):
         images = load_file(cache)["images"]
-        if len(images) == len(data):
+        if images.shape == (len(data), *preprocessing["input_size"]):
             return data, images, alpha, drawer
     images = preload_images(data.items, preprocessing, progress=False)
     if cache:
@@ -66,6 +67,10 @@ def main() -> int:
     p.add_argument("--far", type=float, default=0.01, help="target false-accept rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="input side (Conv-4 default 28; Koch et al. used 105)"
+    )
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -73,8 +78,10 @@ def main() -> int:
     start = time.time()
 
     torch.manual_seed(args.seed)
-    encoder = create_encoder("conv4", pretrained=False)
+    encoder = create_encoder("conv4", pretrained=False, device=resolve_device(args.device))
+    encoder = with_image_size(encoder, args.image_size)  # pass the same size again to --resume
     pre = encoder.preprocessing
+    side = pre["input_size"][-1]
     rotations = (0,) if args.no_rotations else (0, 90, 180, 270)
     with_rot = "rot" if len(rotations) > 1 else "up"
     train_alphabets = [
@@ -82,11 +89,10 @@ def main() -> int:
         for a in sorted(os.listdir(os.path.join(args.data, "images_background")))
         if a not in VAL_ALPHABETS and os.path.isdir(os.path.join(args.data, "images_background", a))
     ]
-    train_data, train_images, _, _ = load_set(
-        args.data, train_alphabets, rotations, pre, f"/tmp/siamese_omniglot_train_{with_rot}.safetensors"
-    )
+    cache = f"/tmp/siamese_omniglot_train_{with_rot}_{side}.safetensors"
+    train_data, train_images, _, _ = load_set(args.data, train_alphabets, rotations, pre, cache)
     val_data, val_images, val_alpha, val_drawer = load_set(
-        args.data, VAL_ALPHABETS, (0,), pre, "/tmp/siamese_omniglot_val.safetensors"
+        args.data, VAL_ALPHABETS, (0,), pre, f"/tmp/siamese_omniglot_val_{side}.safetensors"
     )
     print(
         f"loaded {len(train_data)} training images ({train_data.num_classes} classes), "

@@ -110,7 +110,7 @@ def run_frozen(
         meta.eval_inner_steps,
         progress=not args.quiet,
     )
-    best = max((r for r in history if "val_acc" in r), key=lambda r: r["val_acc"], default=history[-1])
+    best = next((r for r in reversed(history) if r.get("best")), history[-1])
     encoder_sha = weights_sha256(encoder.model)
     save_learner_extra(args.output, learner, meta, config.ways, body_sha256=encoder_sha)
     extra = {
@@ -129,8 +129,7 @@ def run_frozen(
         },
     }
     ckpt.save_checkpoint(args.output, encoder.model, name, encoder.preprocessing, extra)
-    for record in history:
-        ckpt.append_log(args.output, record)
+    ckpt.write_log(args.output, history)
     print(f"meta-trained the ANIL head on frozen {name} embeddings in {time.time() - start:.0f} s")
     if "val_acc" in best:
         print(

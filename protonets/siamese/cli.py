@@ -38,7 +38,7 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
     from eval.run import embed_dataset
     from protonets.cli.common import with_image_size
 
-    from ..training.checkpoint import append_log
+    from ..training.checkpoint import write_log
     from .checkpoint import save_siamese_checkpoint
     from .training import random_pairs, train_head
 
@@ -90,8 +90,7 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
         },
     }
     save_siamese_checkpoint(args.output, encoder, head, extra)
-    for record in history:
-        append_log(args.output, record)
+    write_log(args.output, history)
     last = history[-1] if history else {}
     print(f"trained the Siamese head on frozen {name} embeddings in {time.time() - start:.0f} s")
     if "val_auc" in last:

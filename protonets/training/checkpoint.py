@@ -131,6 +131,10 @@ def read_log(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def truncate_log(directory: str | os.PathLike[str], step: int) -> None:
     """Keep only the log records up to `step` (a resumed run rewrites what came after)."""
-    records = [r for r in read_log(directory) if r.get("step", 0) <= step]
+    write_log(directory, [r for r in read_log(directory) if r.get("step", 0) <= step])
+
+
+def write_log(directory: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
+    """Write the whole training log at once (atomically), replacing any earlier one."""
     data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
     write_bytes_atomically(os.path.join(directory, LOG_FILE), data)

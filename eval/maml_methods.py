@@ -39,7 +39,7 @@ class MetaEpisodes:
     learner: MetaLearner
     encoder: Encoder
     items: Sequence[Any]
-    steps: int | None = None  # inner steps at test time; None: the checkpoint's eval_inner_steps
+    steps: int | None = None  # inner steps at test time; None: the learner's (`load` passes eval_inner_steps)
     source: str = "the checkpoint"
 
     @classmethod
@@ -50,13 +50,13 @@ class MetaEpisodes:
         return cls(learner, encoder, items, config.eval_inner_steps if steps is None else steps, directory)
 
     def check_ways(self, ways: int) -> None:
-        """Refuse episodes of another width than the meta-trained head (unless it is Proto-MAML)."""
+        """Refuse episodes of another width than the meta-trained head (its weights, step sizes
+        and Proto-MAML init all have the trained number of classes)."""
         trained = self.learner.head.out_features
-        if self.learner.proto_init is None and trained != ways:
+        if trained != ways:
             raise UserInputError(
                 f"'{self.source}' was meta-trained for {trained}-way episodes; evaluate it with "
-                f"--ways {trained}, or meta-train with --ways {ways} (or --proto-init, whose head "
-                "fits any number of ways)"
+                f"--ways {trained}, or meta-train another checkpoint with --ways {ways}"
             )
 
     def evaluate(self, episodes: Episodes, embeddings: torch.Tensor, progress: bool = False) -> np.ndarray:
@@ -67,10 +67,11 @@ class MetaEpisodes:
         """
         self.check_ways(episodes.ways)
         if self.learner.body is None:
+            device = self.learner.head.weight.device
             tasks = episode_tasks(
                 head_features(embeddings), torch.from_numpy(episodes.indices), episodes.shots
-            )
-            return accuracy(self.learner, tasks, self.steps)[1].numpy()
+            ).to(device)
+            return accuracy(self.learner, tasks, self.steps)[1].cpu().numpy()
         return evaluate_episodes(
             self.learner,
             self.encoder,

@@ -21,11 +21,12 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from encoders import create_encoder  # noqa: E402
+from encoders import UserInputError, create_encoder  # noqa: E402
 from eval.siamese_methods import omniglot_alphabets, within_alphabet_episodes  # noqa: E402
 from protonets.cli.common import resolve_device, with_image_size  # noqa: E402
 from protonets.siamese import SiameseConfig, SiameseTrainer, random_pairs, save_siamese_checkpoint  # noqa: E402
 from protonets.training import ImageSet, preload_images, to_input  # noqa: E402
+from protonets.training.checkpoint import load_state  # noqa: E402
 
 VAL_ALPHABETS = ["Burmese_(Myanmar)", "Futurama", "Greek"]
 
@@ -78,8 +79,10 @@ def main() -> int:
     start = time.time()
 
     torch.manual_seed(args.seed)
-    encoder = create_encoder("conv4", pretrained=False, device=resolve_device(args.device))
-    encoder = with_image_size(encoder, args.image_size)  # pass the same size again to --resume
+    saved = load_state(args.output)[0]["preprocessing"] if args.resume else None  # the run's input size
+    device = resolve_device(args.device)
+    encoder = create_encoder("conv4", pretrained=False, device=device, preprocessing=saved)
+    encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
     pre = encoder.preprocessing
     side = pre["input_size"][-1]
     rotations = (0,) if args.no_rotations else (0, 90, 180, 270)
@@ -153,4 +156,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserInputError as error:
+        sys.exit(f"error: {error}")

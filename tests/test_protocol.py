@@ -4,7 +4,7 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 
 from eval.episodes import sample_episodes
-from eval.protocol import METHODS, episode_tensors, evaluate, mean_ci95
+from eval.protocol import METHODS, episode_tensors, evaluate
 from eval.run import run_evaluation
 
 
@@ -75,13 +75,6 @@ def test_chunking_does_not_change_results(monkeypatch):
     monkeypatch.setattr(protocol, "_chunk_size", lambda *a, **k: 7)  # every method chunks through it
     for m in methods:
         np.testing.assert_allclose(evaluate(emb, ep, m), whole[m], atol=1e-12, err_msg=m)
-
-
-def test_mean_ci95():
-    acc = np.array([0.5, 0.7, 0.9, 0.7])
-    mean, ci = mean_ci95(acc)
-    assert mean == pytest.approx(0.7)
-    assert ci == pytest.approx(1.96 * np.std(acc, ddof=1) / 2)
 
 
 def test_same_seed_same_numbers_and_seeds_agree_within_ci():

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
-from encoders import DEFAULT_ENCODER, Encoder, list_images
+from encoders import DEFAULT_ENCODER, Encoder, create_encoder, list_images
 from encoders.errors import UserInputError
 
 
@@ -143,4 +143,32 @@ def with_image_size(encoder: Encoder, image_size: int | None, resuming: bool = F
         )
     channels = encoder.preprocessing["input_size"][0]
     pre = {**encoder.preprocessing, "input_size": [channels, image_size, image_size]}
-    return Encoder(encoder.model, encoder.name, pre, device=encoder.device)
+    return Encoder(
+        encoder.model, encoder.name, pre, device=encoder.device, channels_last=encoder.channels_last
+    )
+
+
+def frozen_embeddings(
+    args: argparse.Namespace, split: str | None, val_split: str | None, device: str
+) -> tuple[Encoder, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """What a `--freeze-encoder` head trains on: (pretrained encoder, embeddings, labels, dataset info).
+
+    The encoder is `--encoder` (default: the offline default), pretrained and resized by
+    `--image-size`; embeddings and labels are keyed 'train' (and 'val' with a validation split)
+    and come through the embedding cache (`--cache-dir`).
+    """
+    from eval.datasets import load_dataset
+    from eval.run import embed_dataset
+
+    encoder = create_encoder(args.encoder or DEFAULT_ENCODER, pretrained=True, device=device)
+    encoder = with_image_size(encoder, args.image_size)
+    sets = {"train": load_dataset(args.dataset, args.data, split)}
+    if val_split:
+        sets["val"] = load_dataset(args.dataset, args.data, val_split)
+    embeddings = {
+        k: embed_dataset(d, encoder, cache_dir=args.cache_dir, progress=not args.quiet)
+        for k, d in sets.items()
+    }
+    labels = {k: torch.from_numpy(d.labels) for k, d in sets.items()}
+    info = {"kind": args.dataset, "root": os.path.abspath(args.data), "split": split, "val": val_split}
+    return encoder, embeddings, labels, info

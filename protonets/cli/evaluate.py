@@ -73,13 +73,16 @@ def run(args: argparse.Namespace) -> int:
             usable_classes(dataset.labels, ways, shots + args.queries, warn=False)
     device = resolve_device(args.device)
     maml_options = {} if args.maml_steps is None else {"steps": args.maml_steps}
+    encoder = None
     if "maml" in args.method and is_meta_checkpoint(args.checkpoint):
         # a meta-trained learner adapts on each episode's images, as it was trained to
         meta = MetaEpisodes.load(args.checkpoint, dataset.items, device, steps=args.maml_steps)
         for ways in args.ways:
             meta.check_ways(ways)
         maml_options = {"meta": meta}
-    encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device)
+        encoder = meta.encoder if args.encoder is None else None
+    if encoder is None:
+        encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device)
     embeddings = embed_dataset(
         dataset,
         encoder,

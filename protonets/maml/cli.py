@@ -77,10 +77,8 @@ def run_frozen(
 
     import torch
 
-    from encoders import DEFAULT_ENCODER, create_encoder, weights_sha256
-    from eval.datasets import load_dataset
-    from eval.run import embed_dataset
-    from protonets.cli.common import with_image_size
+    from encoders import weights_sha256
+    from protonets.cli.common import frozen_embeddings
 
     from ..training import checkpoint as ckpt
     from .frozen import train_frozen_anil
@@ -88,16 +86,9 @@ def run_frozen(
 
     start = time.time()
     meta = dataclasses.replace(meta_config(args), frozen_encoder=True)
-    name = args.encoder or DEFAULT_ENCODER
-    encoder = with_image_size(create_encoder(name, pretrained=True, device=device), args.image_size)
-    sets = {"train": load_dataset(args.dataset, args.data, split)}
-    if val_split:
-        sets["val"] = load_dataset(args.dataset, args.data, val_split)
-    emb = {
-        k: embed_dataset(d, encoder, cache_dir=args.cache_dir, progress=not args.quiet)
-        for k, d in sets.items()
-    }
-    labels = {k: torch.from_numpy(d.labels) for k, d in sets.items()}
+    encoder, emb, labels, dataset_info = frozen_embeddings(args, split, val_split, device)
+    name = encoder.name
+    torch.manual_seed(config.seed)  # the head's starting weights come from the seed too
     learner = create_meta_learner(None, emb["train"].shape[1], config.ways, meta)
     history = train_frozen_anil(
         learner,
@@ -121,12 +112,7 @@ def run_frozen(
         "training": config.to_dict(),
         "step": best["step"],
         "validation": {k: best[k] for k in ("val_acc", "val_loss") if k in best},
-        "dataset": {
-            "kind": args.dataset,
-            "root": os.path.abspath(args.data),
-            "split": split,
-            "val": val_split,
-        },
+        "dataset": dataset_info,
     }
     ckpt.save_checkpoint(args.output, encoder.model, name, encoder.preprocessing, extra)
     ckpt.write_log(args.output, history)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from encoders import DEFAULT_ENCODER, create_encoder
+from encoders import create_encoder
 from encoders.errors import UserInputError
 
 
@@ -34,9 +34,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) -> int:
-    from eval.datasets import load_dataset
-    from eval.run import embed_dataset
-    from protonets.cli.common import with_image_size
+    from protonets.cli.common import frozen_embeddings, resolve_device
 
     from ..training.checkpoint import write_log
     from .checkpoint import save_siamese_checkpoint
@@ -45,16 +43,10 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
     start = time.time()
     if args.resume:
         raise UserInputError("--freeze-encoder trains in seconds; start again instead of --resume")
-    name = args.encoder or DEFAULT_ENCODER
-    encoder = with_image_size(create_encoder(name, pretrained=True, device=args.device), args.image_size)
-    sets = {"train": load_dataset(args.dataset, args.data, split)}
-    if val_split:
-        sets["val"] = load_dataset(args.dataset, args.data, val_split)
-    emb = {
-        k: embed_dataset(d, encoder, cache_dir=args.cache_dir, progress=not args.quiet)
-        for k, d in sets.items()
-    }
-    labels = {k: torch.from_numpy(d.labels) for k, d in sets.items()}
+    encoder, emb, labels, dataset_info = frozen_embeddings(
+        args, split, val_split, resolve_device(args.device)
+    )
+    name = encoder.name
     head, history = train_head(
         emb["train"],
         labels["train"],
@@ -82,12 +74,7 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
         "frozen_encoder": True,
         "training": {"log": history, "steps": args.episodes or 1000, "loss": args.loss},
         "calibration": {**calibration, "pairs": held},
-        "dataset": {
-            "kind": args.dataset,
-            "root": os.path.abspath(args.data),
-            "split": split,
-            "val": val_split,
-        },
+        "dataset": dataset_info,
     }
     save_siamese_checkpoint(args.output, encoder, head, extra)
     write_log(args.output, history)
@@ -105,7 +92,7 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
 
 def run_train(args: argparse.Namespace) -> int:
     """`protonets train --method siamese ...`."""
-    from protonets.cli.common import with_image_size
+    from protonets.cli.common import resolve_device, with_image_size
     from protonets.cli.train import _check_output, _given, _load_images, _splits
 
     from .training import SiameseConfig, SiameseTrainer
@@ -138,7 +125,10 @@ def run_train(args: argparse.Namespace) -> int:
         name, preprocessing = args.encoder or "conv4", None
     torch.manual_seed(config.seed)
     encoder = create_encoder(
-        name, pretrained=args.pretrained and not args.resume, device=args.device, preprocessing=preprocessing
+        name,
+        pretrained=args.pretrained and not args.resume,
+        device=resolve_device(args.device),
+        preprocessing=preprocessing,
     )
     encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
     train = _load_images(args, split, encoder.preprocessing, "training images")

@@ -23,10 +23,10 @@ import torch
 
 from encoders import Encoder
 from encoders.errors import UserInputError
-from protonets.maml.frozen import accuracy, episode_tasks, head_features
+from protonets.maml.frozen import episode_tasks, head_features
 from protonets.maml.head import MAMLHead
 from protonets.maml.learner import MetaLearner
-from protonets.maml.train import LEARNER_DIR, evaluate_episodes, load_meta_learner
+from protonets.maml.train import LEARNER_DIR, evaluate_episodes, load_meta_learner, query_scores
 
 from .episodes import Episodes
 from .protocol import batched_accuracy, register_method
@@ -71,7 +71,7 @@ class MetaEpisodes:
             tasks = episode_tasks(
                 head_features(embeddings), torch.from_numpy(episodes.indices), episodes.shots
             ).to(device)
-            return accuracy(self.learner, tasks, self.steps)[1].cpu().numpy()
+            return query_scores(self.learner, tasks, self.steps)[1].cpu().numpy()
         return evaluate_episodes(
             self.learner,
             self.encoder,

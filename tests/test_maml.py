@@ -624,8 +624,9 @@ def test_eval_command_adapts_a_meta_trained_checkpoint_on_episode_images(tmp_pat
 
 def test_frozen_anil_head_meta_trains_on_embeddings_and_beats_its_start():
     """ANIL on cached embeddings (Meta-SGD step sizes): validation accuracy rises well above the start."""
-    from protonets.maml.frozen import accuracy, episode_tasks, head_features, train_frozen_anil
+    from protonets.maml.frozen import episode_tasks, head_features, train_frozen_anil
     from protonets.maml.train import MetaConfig, create_meta_learner
+    from protonets.maml.train import query_scores as accuracy
     from protonets.training import TrainConfig
     from protonets.training.episodes import EpisodeSampler
 
@@ -669,8 +670,9 @@ def test_train_command_anil_on_a_frozen_encoder_and_eval_on_its_embeddings(tmp_p
     from eval.episodes import sample_episodes
     from eval.run import embed_dataset
     from protonets.cli import main
-    from protonets.maml.frozen import accuracy, episode_tasks, head_features
+    from protonets.maml.frozen import episode_tasks, head_features
     from protonets.maml.train import MetaConfig, load_meta_learner
+    from protonets.maml.train import query_scores as accuracy
     from tests.conftest import EXAMPLES
 
     data, out, cache = str(EXAMPLES / "support"), tmp_path / "anil", str(tmp_path / "cache")

@@ -25,6 +25,7 @@ from ..stats import mean_ci95
 from ..training import TrainConfig
 from ..training.episodes import EpisodeSampler
 from .learner import MetaLearner, TaskBatch
+from .train import query_scores
 
 
 def head_features(embeddings: torch.Tensor) -> torch.Tensor:
@@ -43,19 +44,6 @@ def episode_tasks(features: torch.Tensor, index: torch.Tensor, shots: int) -> Ta
         x[:, :, shots:].reshape(t, n * (m - shots), -1),
         ways.repeat_interleave(m - shots).expand(t, -1),
     )
-
-
-def accuracy(
-    learner: MetaLearner, tasks: TaskBatch, steps: int | None = None, chunk: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task query (loss, accuracy) `[T]` after adapting on each support set (no meta-gradient)."""
-    losses, accs = [], []
-    for start in range(0, len(tasks), chunk):
-        part = tasks[start : start + chunk]
-        logits = learner.predict(part.support_x, part.support_y, part.query_x, steps=steps)
-        losses.append(F.cross_entropy(logits.transpose(1, 2), part.query_y, reduction="none").mean(1))
-        accs.append((logits.argmax(-1) == part.query_y).double().mean(1))
-    return torch.cat(losses), torch.cat(accs)
 
 
 def train_frozen_anil(
@@ -123,7 +111,7 @@ def train_frozen_anil(
         }
         running = {"loss": 0.0, "acc": 0.0, "count": 0}
         if val_tasks is not None:
-            val_loss, val_acc = accuracy(learner, val_tasks, eval_steps)
+            val_loss, val_acc = query_scores(learner, val_tasks, eval_steps)
             acc, ci = mean_ci95(val_acc)
             record.update(val_loss=float(val_loss.mean()), val_acc=acc, val_ci95=ci)
             key = (acc, -record["val_loss"])

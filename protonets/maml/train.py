@@ -115,6 +115,19 @@ def episode_batch(images: torch.Tensor, ways: int, shots: int) -> TaskBatch:
     )
 
 
+def query_scores(
+    learner: MetaLearner, tasks: TaskBatch, steps: int | None = None, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task query cross-entropy and accuracy `[T]` after adapting on each support set."""
+    losses, accs = [], []
+    for start in range(0, len(tasks), chunk):
+        part = tasks[start : start + chunk]
+        logits = learner.predict(part.support_x, part.support_y, part.query_x, steps=steps)
+        losses.append(F.cross_entropy(logits.transpose(1, 2), part.query_y, reduction="none").mean(1))
+        accs.append((logits.argmax(-1) == part.query_y).double().mean(1))
+    return torch.cat(losses), torch.cat(accs)
+
+
 class MetaTrainer(EpisodicTrainer):
     """The episodic trainer with MAML / FOMAML / ANIL steps (see the module docstring).
 
@@ -178,11 +191,9 @@ class MetaTrainer(EpisodicTrainer):
         for start in range(0, len(self.val_episodes), batch_size):
             index = self.val_episodes[start : start + batch_size]
             tasks = self._tasks(index, self.val_set.images, cfg.val_ways, cfg.val_shots, aug=False)
-            logits = self.learner.predict(
-                tasks.support_x, tasks.support_y, tasks.query_x, steps=self.meta_config.eval_inner_steps
-            )
-            losses.append(F.cross_entropy(logits.transpose(1, 2), tasks.query_y, reduction="none").mean(1))
-            accs.append((logits.argmax(-1) == tasks.query_y).double().mean(1))
+            loss, accuracy = query_scores(self.learner, tasks, self.meta_config.eval_inner_steps)
+            losses.append(loss)
+            accs.append(accuracy)
         acc, ci = mean_ci95(torch.cat(accs))
         return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci}
 

@@ -5,16 +5,16 @@
 #
 #   scripts/train_omniglot_protonet.sh [OUTPUT_DIR]
 #
-# Environment: DATA (Omniglot root, default ../shared/data/omniglot), EPISODES (default 1400;
-# the CPU budget here; the paper trains far longer), THREADS (torch CPU threads, default 1),
+# Environment: DATA (Omniglot root, default ../shared/data/omniglot), EPISODES (default 8000;
+# the CPU budget here; the paper trains far longer), THREADS (torch CPU threads, default 2),
 # DEVICE (default cpu; cuda on a GPU machine), PYTHON (default .venv/bin/python), EXTRA (more
 # `protonets train` options, e.g. "--resume" to continue an interrupted or finished run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-checkpoints/protonet-conv4-omniglot}
 DATA=${DATA:-../shared/data/omniglot}
-EPISODES=${EPISODES:-1400}
-THREADS=${THREADS:-1}
+EPISODES=${EPISODES:-8000}
+THREADS=${THREADS:-2}
 DEVICE=${DEVICE:-cpu}
 PYTHON=${PYTHON:-.venv/bin/python}
 

@@ -680,6 +680,10 @@ def test_train_command_anil_on_a_frozen_encoder_and_eval_on_its_embeddings(tmp_p
     args += ["--val-split", "none", "--episodes", "4", "--meta-batch", "2", "--ways", "3", "--shots", "1"]
     args += ["--queries", "2", "--cache-dir", cache, "--output", str(out), "--quiet"]
     assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # the folder holds a run; a frozen head cannot --resume, so no such advice
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--resume" not in err
     assert main([*args, "--overwrite"]) == 0  # a second run replaces the log, never appends to it
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [4]
     manifest = json.loads((out / "manifest.json").read_text())

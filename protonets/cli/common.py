@@ -21,7 +21,10 @@ def add_encoder_options(parser: argparse.ArgumentParser) -> None:
         "--encoder", default=DEFAULT_ENCODER, help="timm model name (default: %(default)s, offline)"
     )
     group.add_argument(
-        "--checkpoint", default=None, help="local weights for --encoder (safetensors or state dict)"
+        "--checkpoint",
+        default=None,
+        help="a trained checkpoint folder (protonets train --output DIR: model, weights and "
+        "preprocessing), or a weights file for --encoder (safetensors or state dict)",
     )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     group.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")

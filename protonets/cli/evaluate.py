@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         for ways in args.ways:
             meta.check_ways(ways)
         maml_options = {"meta": meta}
-        encoder = meta.encoder if args.encoder is None else None
+        encoder = meta.encoder  # the checkpoint folder names the model
     if encoder is None:
         encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device)
     embeddings = embed_dataset(

@@ -52,11 +52,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train",
-        help="train an encoder episodically with the prototype head (ProtoNet)",
-        description="Episodic training (Snell et al. 2017): N-way K-shot episodes, Adam with a "
-        "step learning-rate schedule, validation episodes, best-checkpoint selection and resume. "
-        "Writes DIR/manifest.json + weights (load with --checkpoint DIR), DIR/train_log.jsonl and "
-        "DIR/resume/.",
+        help="train a few-shot model: ProtoNet (default), Siamese, MAML/FOMAML/ANIL",
+        description="Episodic training of ProtoNet (Snell et al. 2017), a Siamese head or the MAML "
+        "family: N-way K-shot episodes, Adam with a step learning-rate schedule, validation "
+        "episodes, best-checkpoint selection and resume. Writes DIR/manifest.json + weights (load "
+        "with --checkpoint DIR), DIR/train_log.jsonl and DIR/resume/. With --freeze-encoder (siamese, "
+        "anil) only the head trains, on cached embeddings, in minutes: no DIR/resume/.",
     )
     p.add_argument("--method", choices=["protonet", "siamese", *MAML_METHODS], default="protonet")
     p.add_argument("--dataset", choices=["folder", "omniglot", "csv"], default="folder")
@@ -150,9 +151,10 @@ def _check_output(args: argparse.Namespace) -> None:
 
     held = [n for n in ("manifest.json", LOG_FILE, STATE_DIR) if os.path.exists(os.path.join(args.output, n))]
     if held and not (args.resume or args.overwrite):
+        resume = "" if args.freeze_encoder else "pass --resume to continue it, "
         raise UserInputError(
-            f"--output '{args.output}' already holds a training run ({', '.join(held)}); pass --resume "
-            "to continue it, --overwrite to start afresh, or choose another folder"
+            f"--output '{args.output}' already holds a training run ({', '.join(held)}); {resume}"
+            "pass --overwrite to start afresh, or choose another folder"
         )
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserInputError(f"--output '{args.output}' exists and is not a folder")

@@ -520,8 +520,9 @@ def test_meta_trainer_refuses_other_val_ways_and_train_options_parse():
 
     train, val = _image_sets()
     config = TrainConfig(ways=3, shots=1, queries=2, val_ways=5, val_shots=1, val_queries=1)
-    with pytest.raises(UserInputError, match="--val-ways 3"):
-        MetaTrainer(create_encoder("conv4", pretrained=False), train, val, config, MetaConfig())
+    for meta in (MetaConfig(), MetaConfig(proto_init=True)):  # a Proto-MAML head has 3 columns too
+        with pytest.raises(UserInputError, match="--val-ways 3"):
+            MetaTrainer(create_encoder("conv4", pretrained=False), train, val, config, meta)
     parser = argparse.ArgumentParser()
     parser.add_argument("--method")
     add_train_options(parser)
@@ -624,6 +625,7 @@ def test_eval_command_adapts_a_meta_trained_checkpoint_on_episode_images(tmp_pat
 
 def test_frozen_anil_head_meta_trains_on_embeddings_and_beats_its_start():
     """ANIL on cached embeddings (Meta-SGD step sizes): validation accuracy rises well above the start."""
+    from encoders import UserInputError
     from protonets.maml.frozen import episode_tasks, head_features, train_frozen_anil
     from protonets.maml.train import MetaConfig, create_meta_learner
     from protonets.maml.train import query_scores as accuracy
@@ -658,6 +660,17 @@ def test_frozen_anil_head_meta_trains_on_embeddings_and_beats_its_start():
     )
     assert [r["step"] for r in history] == [20, 40, 60]
     after = float(accuracy(learner, tasks, 1)[1].mean())
+    wide = TrainConfig(**{**config.to_dict(), "val_ways": 6})
+    with pytest.raises(UserInputError, match="--val-ways 5"):
+        train_frozen_anil(
+            learner,
+            emb[train],
+            torch.as_tensor(labels[train]),
+            emb[val],
+            torch.as_tensor(labels[val]),
+            wide,
+            8,
+        )
     assert after > before + 0.1 and after > 0.6, (before, after)
     best = max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
     assert best["best"]

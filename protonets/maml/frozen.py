@@ -24,8 +24,9 @@ from encoders.progress import progress_bar
 from ..stats import mean_ci95
 from ..training import TrainConfig
 from ..training.episodes import EpisodeSampler
+from ..training.trainer import validation_episodes
 from .learner import MetaLearner, TaskBatch
-from .train import query_scores
+from .train import query_scores, require_head_width
 
 
 def head_features(embeddings: torch.Tensor) -> torch.Tensor:
@@ -72,17 +73,9 @@ def train_frozen_anil(
     sampler = EpisodeSampler(labels, config.ways, config.shots, config.queries, generator)
     val_tasks = None
     if val_embeddings is not None and val_labels is not None:
-        val_gen = torch.Generator().manual_seed(config.seed + 1)
-        val_sampler = EpisodeSampler(
-            torch.as_tensor(val_labels, dtype=torch.int64),
-            config.val_ways,
-            config.val_shots,
-            config.val_queries,
-            val_gen,
-            "validation",
-        )
+        require_head_width(config)
         val_tasks = episode_tasks(
-            head_features(val_embeddings), val_sampler.sample_many(config.val_episodes), config.val_shots
+            head_features(val_embeddings), validation_episodes(val_labels, config), config.val_shots
         )
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: list[dict[str, Any]] = []

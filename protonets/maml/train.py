@@ -128,11 +128,20 @@ def query_scores(
     return torch.cat(losses), torch.cat(accs)
 
 
+def require_head_width(config: TrainConfig) -> None:
+    """Validation episodes must have the head's width: its weights, step sizes and Proto-MAML
+    init all have `config.ways` classes (a narrower episode would score empty classes)."""
+    if config.val_ways != config.ways:
+        raise UserInputError(
+            f"MAML's head has {config.ways} outputs, so validation needs --val-ways {config.ways} "
+            f"(got {config.val_ways})"
+        )
+
+
 class MetaTrainer(EpisodicTrainer):
     """The episodic trainer with MAML / FOMAML / ANIL steps (see the module docstring).
 
-    The head has `config.ways` outputs, so validation episodes need `val_ways == ways` unless
-    `proto_init` (the head is then built from each episode's prototypes).
+    The head has `config.ways` outputs, so validation episodes need `val_ways == ways`.
     """
 
     def __init__(
@@ -147,11 +156,8 @@ class MetaTrainer(EpisodicTrainer):
         model_kwargs: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        if val is not None and config.val_ways != config.ways and not meta_config.proto_init:
-            raise UserInputError(
-                f"MAML's head has {config.ways} outputs, so validation needs --val-ways {config.ways} "
-                f"(got {config.val_ways}), or train with --proto-init"
-            )
+        if val is not None:
+            require_head_width(config)
         super().__init__(encoder, train, val, config, output, progress, model_kwargs, meta)
         self.meta_config = meta_config
         self.learner = create_meta_learner(self.model, encoder.dim, config.ways, meta_config).to(self.device)

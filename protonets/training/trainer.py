@@ -80,6 +80,21 @@ class TrainConfig:
         return self.lr * self.lr_gamma ** (step // self.lr_step)
 
 
+def validation_episodes(labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The fixed validation episodes `[val_episodes, val_ways, val_shots + val_queries]` of a run
+    (seeded by `config.seed + 1`, so every validation scores the same episodes)."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    sampler = EpisodeSampler(
+        torch.as_tensor(labels, dtype=torch.int64),
+        config.val_ways,
+        config.val_shots,
+        config.val_queries,
+        generator,
+        "validation",
+    )
+    return sampler.sample_many(config.val_episodes)
+
+
 @dataclass
 class TrainResult:
     """What `fit` did: steps, best validation score and step, the log records, the output folder."""
@@ -141,11 +156,7 @@ class EpisodicTrainer:
         self.train_images = train.images.to(self.device)
         self.val_episodes: torch.Tensor | None = None
         if val is not None:
-            val_gen = torch.Generator().manual_seed(config.seed + 1)
-            val_sampler = EpisodeSampler(
-                val.labels, config.val_ways, config.val_shots, config.val_queries, val_gen, "validation"
-            )
-            self.val_episodes = val_sampler.sample_many(config.val_episodes)
+            self.val_episodes = validation_episodes(val.labels, config)
         self.step = 0
         self.best: dict[str, Any] = {"step": 0, "val_acc": None, "val_loss": None}
         self.best_state: dict[str, torch.Tensor] | None = None

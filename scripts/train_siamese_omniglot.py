@@ -158,5 +158,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UserInputError as error:
-        sys.exit(f"error: {error}")
+    except UserInputError as error:  # one line and status 2, as the protonets command does
+        print(f"train_siamese_omniglot.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

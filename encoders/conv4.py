@@ -5,7 +5,7 @@ the feature map ends at 64×1×1, so the embedding is 64-d; on 84×84 RGB (`in_c
 flattened map is the classic 1600-d miniImageNet embedding (`global_pool="avg"` gives 64-d).
 
 Importing this module registers `conv4` with timm, so `timm.create_model("conv4")` and
-`encoders.create_encoder("conv4", pretrained=False)` build it. It has no published weights:
+`protonets.encoders.create_encoder("conv4", pretrained=False)` build it. It has no published weights:
 trained weights come from our own checkpoints (`protonets train`, `checkpoint_path=DIR`).
 
 Preprocessing: 28×28, one channel, mean 1 and std 1, so a white background is 0 (like the zero

@@ -71,7 +71,7 @@ def _collate(batch: list[tuple[torch.Tensor | None, int, str | None]]):
 class Encoder:
     """A frozen image encoder: `embed(images)` gives float32 `[N, D]` embeddings.
 
-    Build one with `encoders.create_encoder`. `fingerprint` names the model, its weights and the
+    Build one with `protonets.encoders.create_encoder`. `fingerprint` names the model, its weights and the
     preprocessing, so stored embeddings can be checked against the encoder that made them.
     """
 

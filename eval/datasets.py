@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from encoders import ImageItem, list_images
-from encoders.errors import UserInputError
+from protonets.encoders import ImageItem, list_images
+from protonets.encoders.errors import UserInputError
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 

@@ -8,9 +8,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-
-from encoders.atomic import write_atomically
-from encoders.errors import UserInputError
+from protonets.encoders.atomic import write_atomically
+from protonets.encoders.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from protonets.encoders import Encoder
+from protonets.encoders.errors import UserInputError
 
-from encoders import Encoder
-from encoders.errors import UserInputError
 from protonets.maml.frozen import episode_tasks, head_features
 from protonets.maml.head import MAMLHead
 from protonets.maml.learner import MetaLearner

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from protonets.encoders.errors import UserInputError
+from protonets.encoders.progress import progress_bar
 
-from encoders.errors import UserInputError
-from encoders.progress import progress_bar
 from protonets.heads import create_head
 from protonets.stats import mean_ci95  # noqa: F401  (part of eval's API)
 

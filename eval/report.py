@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from encoders.atomic import write_atomically, write_json_atomically
+from protonets.encoders.atomic import write_atomically, write_json_atomically
 
 
 def result_row(
@@ -56,7 +56,7 @@ def plot_accuracy(results: list[dict[str, Any]], path: str | os.PathLike[str], t
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from encoders.errors import UserInputError
+        from protonets.encoders.errors import UserInputError
 
         raise UserInputError("--plot needs matplotlib: pip install 'protonets[plot]'") from None
     fig, ax = plt.subplots(figsize=(6, 4))

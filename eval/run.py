@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from encoders import Encoder
-from encoders.cache import EmbeddingCache
+from protonets.encoders import Encoder
+from protonets.encoders.cache import EmbeddingCache
 
 from .datasets import FewShotDataset
 from .episodes import sample_episodes

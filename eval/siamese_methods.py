@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from protonets.encoders import ImageItem, list_images
+from protonets.encoders.errors import UserInputError
 
-from encoders import ImageItem, list_images
-from encoders.errors import UserInputError
 from protonets.siamese import SiameseHead, load_siamese_head
 
 from .datasets import FewShotDataset

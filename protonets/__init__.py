@@ -5,7 +5,7 @@ clf = FewShotClassifier().fit(support_paths, support_labels)
 clf.predict(query_paths)
 """
 
-from encoders import ImageLoadError, UserInputError, create_encoder
+from protonets.encoders import ImageLoadError, UserInputError, create_encoder
 
 from .classifier import FewShotClassifier
 from .heads import HEADS, Head, PrototypeHead, create_head, register_head

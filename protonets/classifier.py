@@ -16,7 +16,7 @@ from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from encoders import (
+from protonets.encoders import (
     DEFAULT_ENCODER,
     EmbeddingResult,
     Encoder,
@@ -25,7 +25,7 @@ from encoders import (
     UserInputError,
     create_encoder,
 )
-from encoders.atomic import load_bundle, save_bundle
+from protonets.encoders.atomic import load_bundle, save_bundle
 
 from .heads import create_head
 from .maml import head as _maml_head  # noqa: F401  (registers the 'maml' head)
@@ -61,7 +61,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
 
     Parameters
     ----------
-    encoder: timm model name, or an `encoders.Encoder` to share one already built.
+    encoder: timm model name, or an `protonets.encoders.Encoder` to share one already built.
     checkpoint: local weights file for `encoder` (safetensors or a torch state dict).
     head: registered head name ('prototype', 'maml', or 'siamese' with a Siamese `checkpoint` folder).
     metric: 'cosine' or 'euclidean'.

@@ -17,14 +17,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from protonets.encoders import Encoder, create_encoder
 
-from encoders import Encoder, create_encoder
 from protonets.training import EpisodicTrainer, ImageSet, TrainConfig, preload_images
 
 
 def load_data(args: argparse.Namespace, encoder: Encoder) -> ImageSet:
     if args.data:
-        from eval.datasets import omniglot
+        from protonets.eval.datasets import omniglot
 
         ds = omniglot(args.data, "train")
         return ImageSet(preload_images(ds.items, encoder.preprocessing, progress=False), ds.labels)

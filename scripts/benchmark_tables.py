@@ -17,10 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from encoders import create_encoder
-from eval.datasets import image_folder, omniglot
-from eval.report import markdown_table, write_results
-from eval.run import embed_dataset, run_evaluation
+from protonets.encoders import create_encoder
+from protonets.eval.datasets import image_folder, omniglot
+from protonets.eval.report import markdown_table, write_results
+from protonets.eval.run import embed_dataset, run_evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_PROTONET_OMNIGLOT = {(5, 1): "98.8", (5, 5): "99.7", (20, 1): "96.0", (20, 5): "98.9"}

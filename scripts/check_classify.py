@@ -18,10 +18,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-from eval.datasets import image_folder
-from eval.episodes import sample_episodes
-from eval.protocol import mean_ci95
+from protonets.eval.datasets import image_folder
+from protonets.eval.episodes import sample_episodes
+from protonets.eval.protocol import mean_ci95
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "caltech101" / "101_ObjectCategories"

@@ -27,7 +27,7 @@ def require_data(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def default_encoder():
-    from encoders import create_encoder
+    from protonets.encoders import create_encoder
 
     return create_encoder()
 

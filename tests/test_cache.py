@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 import torch
+from protonets.encoders import Encoder
+from protonets.encoders.cache import EmbeddingCache
 from torch import nn
 
-from encoders import Encoder
-from encoders.cache import EmbeddingCache
 from tests.conftest import EXAMPLES
 
 PRE = {
@@ -95,7 +95,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, images, caplog):
 
 
 def test_rotated_items_are_distinct_entries(tmp_path, images):
-    from encoders import ImageItem
+    from protonets.encoders import ImageItem
 
     enc = _encoder()
     items = [ImageItem(str(images[0]), 0), ImageItem(str(images[0]), 90)]

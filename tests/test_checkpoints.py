@@ -16,7 +16,7 @@ COMMITTED = ["protonet-conv4-omniglot", "siamese-conv4-omniglot", "maml-conv4-om
 
 @pytest.mark.parametrize("name", COMMITTED)
 def test_committed_checkpoint_loads_with_its_fingerprint(name):
-    from encoders import create_encoder
+    from protonets.encoders import create_encoder
 
     manifest = json.loads((CHECKPOINTS / name / "manifest.json").read_text())
     encoder = create_encoder(checkpoint_path=str(CHECKPOINTS / name))
@@ -27,8 +27,8 @@ def test_committed_checkpoint_loads_with_its_fingerprint(name):
 @pytest.fixture(scope="module")
 def omniglot_test_episodes():
     """20 seeded 5-way 1-shot episodes (5 queries) of the Omniglot Vinyals test split."""
-    from eval.datasets import omniglot
-    from eval.episodes import sample_episodes
+    from protonets.eval.datasets import omniglot
+    from protonets.eval.episodes import sample_episodes
 
     dataset = omniglot(str(require_data("omniglot")), "test")
     batch = sample_episodes(dataset.labels, 5, 1, 5, 20, seed=0, class_names=dataset.class_names)
@@ -42,8 +42,9 @@ def _embed(encoder, items):
 
 
 def test_protonet_and_siamese_checkpoints_classify_omniglot_test_characters(omniglot_test_episodes):
-    from encoders import create_encoder
-    from eval.protocol import evaluate
+    from protonets.encoders import create_encoder
+    from protonets.eval.protocol import evaluate
+
     from protonets.siamese import load_siamese
 
     items, episodes = omniglot_test_episodes

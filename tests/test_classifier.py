@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from protonets.encoders import FingerprintMismatchError, UserInputError
 
-from encoders import FingerprintMismatchError, UserInputError
 from protonets import FewShotClassifier
 from tests.conftest import EXAMPLES
 
@@ -97,7 +97,7 @@ def test_images_fit_save_load_and_fingerprint_check(tmp_path, default_encoder):
     np.testing.assert_array_equal(again.predict(queries), predicted)
 
     # A different encoder (same name, other weights) is refused.
-    from encoders import create_encoder
+    from protonets.encoders import create_encoder
 
     other = create_encoder("tf_efficientnet_lite0", pretrained=False)
     with pytest.raises(FingerprintMismatchError, match="weights"):
@@ -130,7 +130,7 @@ def test_passes_scikit_learn_estimator_checks_on_embeddings():
 
 
 def test_bundle_save_removes_files_of_earlier_saves(tmp_path):
-    from encoders.atomic import load_bundle, save_bundle
+    from protonets.encoders.atomic import load_bundle, save_bundle
 
     def writer(data):
         return lambda p: open(p, "wb").write(data)

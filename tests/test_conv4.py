@@ -4,10 +4,9 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from protonets.encoders import UserInputError, create_encoder
+from protonets.encoders.conv4 import Conv4
 from torch import nn
-
-from encoders import UserInputError, create_encoder
-from encoders.conv4 import Conv4
 
 
 def test_registered_with_timm():

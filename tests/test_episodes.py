@@ -2,9 +2,8 @@ import logging
 
 import numpy as np
 import pytest
-
-from encoders.errors import UserInputError
-from eval.episodes import Episodes, sample_episodes
+from protonets.encoders.errors import UserInputError
+from protonets.eval.episodes import Episodes, sample_episodes
 
 
 def _labels(counts):
@@ -43,7 +42,7 @@ def test_known_values_are_stable_across_machines():
 
 def test_small_classes_are_left_out_with_one_warning(caplog):
     labels = _labels([20, 3, 20, 2, 20])
-    with caplog.at_level(logging.WARNING, logger="eval.episodes"):
+    with caplog.at_level(logging.WARNING, logger="protonets.eval.episodes"):
         ep = sample_episodes(labels, 3, 5, 5, 20, seed=0, class_names=list("abcde"))
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()

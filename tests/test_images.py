@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 from PIL import Image
-
-from encoders import ImageItem, ImageLoadError, open_image
-from encoders import images as images_module
+from protonets.encoders import ImageItem, ImageLoadError, open_image
+from protonets.encoders import images as images_module
 
 
 @pytest.mark.parametrize(

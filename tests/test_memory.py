@@ -15,8 +15,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from protonets.encoders import FingerprintMismatchError, UserInputError
 
-from encoders import FingerprintMismatchError, UserInputError
 from protonets import FewShotClassifier, PrototypeHead, SupportMemory
 from protonets.memory import store
 from tests.conftest import REPO
@@ -284,7 +284,7 @@ _CRASH = textwrap.dedent(
             return write
         store._npy_writer = writer
     elif how == "before-manifest":  # all data files written, manifest not yet replaced
-        import encoders.atomic as atomic
+        import protonets.encoders.atomic as atomic
         atomic.write_json_atomically = lambda *a, **k: os._exit(9)
     elif how == "sigkill":  # save in a loop until the parent kills us
         print("saving", flush=True)

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from protonets.eval.episodes import sample_episodes
+from protonets.eval.protocol import METHODS, episode_tensors, evaluate
+from protonets.eval.run import run_evaluation
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
-
-from eval.episodes import sample_episodes
-from eval.protocol import METHODS, episode_tensors, evaluate
-from eval.run import run_evaluation
 
 
 def _clusters(seed=0, classes=12, per_class=30, dim=16, spread=1.0):
@@ -66,7 +65,7 @@ def test_every_method_learns_separable_data(method):
 
 
 def test_chunking_does_not_change_results(monkeypatch):
-    import eval.protocol as protocol
+    import protonets.eval.protocol as protocol
 
     emb, labels = _clusters()
     ep = sample_episodes(labels, 5, 1, 5, episodes=30, seed=4)

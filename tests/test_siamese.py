@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from protonets.encoders import create_encoder
 
-from encoders import create_encoder
 from protonets.siamese import (
     SiameseConfig,
     SiameseHead,
@@ -175,8 +175,8 @@ def test_classifier_with_the_siamese_head(tmp_path):
 
 
 def test_eval_method_siamese_runs_on_episodes(monkeypatch, tmp_path):
-    from eval.episodes import sample_episodes
-    from eval.protocol import evaluate
+    from protonets.eval.episodes import sample_episodes
+    from protonets.eval.protocol import evaluate
 
     emb, labels = _clusters(12, 8, dim=64)
     head = train_head(emb, labels, steps=80, classes=8, per_class=4)[0]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from protonets.encoders import UserInputError, create_encoder, open_image
 from safetensors.torch import load_file
 
-from encoders import UserInputError, create_encoder, open_image
 from protonets.cli import main
 from protonets.training import (
     EpisodeSampler,
@@ -97,7 +97,7 @@ def test_augment_is_seeded_and_keeps_shape():
 
 def test_preload_matches_the_encoder_transform(make_image):
     """Training sees exactly the numbers `Encoder.embed` would (rotations included)."""
-    from encoders import ImageItem
+    from protonets.encoders import ImageItem
 
     encoder = create_encoder("conv4", pretrained=False)
     paths = [make_image(f"{i}.png", mode="1", size=(105, 105), seed=i) for i in range(2)]
@@ -124,7 +124,7 @@ def test_omniglot_tiny_split_learns(tmp_path):
     lines = (root / "splits" / "vinyals" / "train.txt").read_text().split()
     (tmp_path / "train.txt").write_text("\n".join(lines[:400:20]))  # 20 classes
     (tmp_path / "val.txt").write_text("\n".join(lines[1000:1400:40]))  # 10 others
-    from eval.datasets import omniglot
+    from protonets.eval.datasets import omniglot
 
     torch.manual_seed(0)
     encoder = create_encoder("conv4", pretrained=False)

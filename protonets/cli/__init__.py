@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from encoders.errors import UserInputError
+from protonets.encoders.errors import UserInputError
 
 #: Sub-command modules inside protonets.cli; each has `add_parser(subparsers)` and `run(args)`.
 COMMANDS = ["classify", "evaluate", "memory", "train", "verify"]
@@ -29,11 +29,10 @@ def _setup_logging(quiet: bool) -> None:
     """Warnings from our packages go to stderr as 'protonets: warning: ...' lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("protonets: warning: %(message)s"))
-    for name in ("encoders", "protonets", "eval"):
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.setLevel(logging.ERROR if quiet else logging.WARNING)
-        logger.propagate = False
+    logger = logging.getLogger("protonets")  # protonets.encoders and protonets.eval are below it
+    logger.handlers = [handler]
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+    logger.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,8 +10,8 @@ from typing import Any, TextIO
 
 import torch
 
-from encoders import DEFAULT_ENCODER, Encoder, create_encoder, list_images
-from encoders.errors import UserInputError
+from protonets.encoders import DEFAULT_ENCODER, Encoder, create_encoder, list_images
+from protonets.encoders.errors import UserInputError
 
 
 def add_encoder_options(parser: argparse.ArgumentParser) -> None:
@@ -160,8 +160,8 @@ def frozen_embeddings(
     `--image-size`; embeddings and labels are keyed 'train' (and 'val' with a validation split)
     and come through the embedding cache (`--cache-dir`).
     """
-    from eval.datasets import load_dataset
-    from eval.run import embed_dataset
+    from protonets.eval.datasets import load_dataset
+    from protonets.eval.run import embed_dataset
 
     encoder = create_encoder(args.encoder or DEFAULT_ENCODER, pretrained=True, device=device)
     encoder = with_image_size(encoder, args.image_size)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from encoders import create_encoder
+from protonets.encoders import create_encoder
 
 from .common import add_encoder_options, non_negative_int, positive_int, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from eval.protocol import METHODS
+    from protonets.eval.protocol import METHODS
 
     p = sub.add_parser(
         "eval",
@@ -61,11 +61,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eval.datasets import load_dataset
-    from eval.episodes import usable_classes
-    from eval.maml_methods import MetaEpisodes, is_meta_checkpoint
-    from eval.report import markdown_table, plot_accuracy, write_results
-    from eval.run import embed_dataset, run_evaluation
+    from protonets.eval.datasets import load_dataset
+    from protonets.eval.episodes import usable_classes
+    from protonets.eval.maml_methods import MetaEpisodes, is_meta_checkpoint
+    from protonets.eval.report import markdown_table, plot_accuracy, write_results
+    from protonets.eval.run import embed_dataset, run_evaluation
 
     dataset = load_dataset(args.dataset, args.data, args.split)
     for ways in args.ways:  # refuse impossible settings before the (long) embedding pass

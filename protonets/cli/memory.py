@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from encoders import DEFAULT_ENCODER, Encoder, create_encoder, list_images
-from encoders.atomic import MANIFEST
-from encoders.errors import UserInputError
+from protonets.encoders import DEFAULT_ENCODER, Encoder, create_encoder, list_images
+from protonets.encoders.atomic import MANIFEST
+from protonets.encoders.errors import UserInputError
 
 from ..memory import INDEX_KINDS, METRICS, MODES, SupportMemory
 from .common import add_encoder_options, positive_int, query_paths, resolve_device, write_rows

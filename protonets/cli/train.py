@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from encoders import DEFAULT_ENCODER, create_encoder
-from encoders.errors import UserInputError
+from protonets.encoders import DEFAULT_ENCODER, create_encoder
+from protonets.encoders.errors import UserInputError
 
 from .common import positive_int, resolve_device, with_image_size
 
@@ -137,7 +137,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_images(args: argparse.Namespace, split: str | None, preprocessing: dict[str, Any], what: str):
-    from eval.datasets import load_dataset
+    from protonets.eval.datasets import load_dataset
     from protonets.training import ImageSet, preload_images
 
     dataset = load_dataset(args.dataset, args.data, split)

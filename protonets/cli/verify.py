@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from encoders.errors import UserInputError
+from protonets.encoders.errors import UserInputError
 
 from .common import resolve_device
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from encoders.errors import UserInputError
+from protonets.encoders.errors import UserInputError
 
 HEADS: dict[str, type[Head]] = {}
 

@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-from encoders import Encoder
+from protonets.encoders import Encoder
 
 from ..training import ImageSet, TrainConfig
 from .train import METHODS, MetaConfig, MetaTrainer
@@ -77,8 +77,8 @@ def run_frozen(
 
     import torch
 
-    from encoders import weights_sha256
     from protonets.cli.common import frozen_embeddings
+    from protonets.encoders import weights_sha256
 
     from ..training import checkpoint as ckpt
     from .frozen import train_frozen_anil

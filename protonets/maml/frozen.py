@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from encoders.errors import UserInputError
-from encoders.progress import progress_bar
+from protonets.encoders.errors import UserInputError
+from protonets.encoders.progress import progress_bar
 
 from ..stats import mean_ci95
 from ..training import TrainConfig

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoders import Encoder, create_encoder, weights_sha256
-from encoders.atomic import load_bundle, save_bundle
-from encoders.errors import UserInputError
+from protonets.encoders import Encoder, create_encoder, weights_sha256
+from protonets.encoders.atomic import load_bundle, save_bundle
+from protonets.encoders.errors import UserInputError
 
 from ..stats import mean_ci95
 from ..training import EpisodicTrainer, ImageSet, TrainConfig, TrainResult, augment, preload_images, to_input

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from encoders import FingerprintMismatchError, UserInputError
-from encoders.atomic import load_bundle, save_bundle
+from protonets.encoders import FingerprintMismatchError, UserInputError
+from protonets.encoders.atomic import load_bundle, save_bundle
 
 from . import indexes
 from ._inputs import as_labels, as_matrix, normalized
@@ -418,7 +418,7 @@ class SupportMemory:
     def load(cls, directory: str | os.PathLike[str], encoder: Any = None) -> SupportMemory:
         """Load a saved memory, verifying every file's checksum.
 
-        `encoder` (an `encoders.Encoder` or its fingerprint dict) makes load refuse a memory
+        `encoder` (an `protonets.encoders.Encoder` or its fingerprint dict) makes load refuse a memory
         built with another encoder. Refuses truncated or altered files and newer formats.
         """
         directory = os.fspath(directory)

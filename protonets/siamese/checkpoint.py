@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from encoders import Encoder, create_encoder, fingerprint_id
-from encoders.atomic import load_bundle, save_bundle
-from encoders.errors import UserInputError
-from encoders.factory import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KIND, CHECKPOINT_WEIGHTS
+from protonets.encoders import Encoder, create_encoder, fingerprint_id
+from protonets.encoders.atomic import load_bundle, save_bundle
+from protonets.encoders.errors import UserInputError
+from protonets.encoders.factory import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KIND, CHECKPOINT_WEIGHTS
 
 from ..training.checkpoint import model_fingerprint
 from .head import SiameseHead

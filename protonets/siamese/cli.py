@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from encoders import create_encoder
-from encoders.errors import UserInputError
+from protonets.encoders import create_encoder
+from protonets.encoders.errors import UserInputError
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:

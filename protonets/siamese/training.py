@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from encoders import Encoder
-from encoders.errors import UserInputError
-from encoders.progress import progress_bar
+from protonets.encoders import Encoder
+from protonets.encoders.errors import UserInputError
+from protonets.encoders.progress import progress_bar
 
 from ..heads import create_head
 from ..training import EpisodicTrainer, TrainConfig, augment, to_input

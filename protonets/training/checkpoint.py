@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from encoders import fingerprint_id, weights_sha256
-from encoders.atomic import load_bundle, save_bundle, write_bytes_atomically
-from encoders.errors import UserInputError
-from encoders.factory import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KIND, CHECKPOINT_WEIGHTS
+from protonets.encoders import fingerprint_id, weights_sha256
+from protonets.encoders.atomic import load_bundle, save_bundle, write_bytes_atomically
+from protonets.encoders.errors import UserInputError
+from protonets.encoders.factory import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KIND, CHECKPOINT_WEIGHTS
 
 STATE_KIND = "protonets.TrainState"
 STATE_FORMAT_VERSION = 1

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from encoders import ImageItem, open_image
-from encoders.errors import UserInputError
-from encoders.preprocess import build_transform
-from encoders.progress import progress_bar
+from protonets.encoders import ImageItem, open_image
+from protonets.encoders.errors import UserInputError
+from protonets.encoders.preprocess import build_transform
+from protonets.encoders.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

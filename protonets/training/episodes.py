@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from encoders.errors import UserInputError
+from protonets.encoders.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from encoders import Encoder, fingerprint_id
-from encoders.errors import UserInputError
-from encoders.factory import load_state_dict_file, read_checkpoint_dir
-from encoders.progress import progress_bar
+from protonets.encoders import Encoder, fingerprint_id
+from protonets.encoders.errors import UserInputError
+from protonets.encoders.factory import load_state_dict_file, read_checkpoint_dir
+from protonets.encoders.progress import progress_bar
 
 from ..heads import create_head
 from ..stats import mean_ci95
@@ -111,7 +111,7 @@ class TrainResult:
 class EpisodicTrainer:
     """Train `encoder.model` episodically with the prototype head.
 
-    encoder: an `encoders.Encoder` (e.g. `create_encoder("conv4", pretrained=False)`); trained in
+    encoder: an `protonets.encoders.Encoder` (e.g. `create_encoder("conv4", pretrained=False)`); trained in
         place, and left holding the best weights when `fit` returns.
     train / val: `ImageSet`s of preloaded uint8 images (see `preload_images`); `val` may be None
         (no validation: the last state is the best).

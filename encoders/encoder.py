@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ImageLoadError
+from .errors import ImageLoadError, UserInputError
 from .images import ImageItem, open_image
 from .preprocess import build_transform
 from .progress import progress_bar
@@ -29,6 +29,11 @@ def weights_sha256(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module, name: str, preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint of a model's current weights: timm name, weights sha256, preprocessing."""
+    return {"model": name, "weights_sha256": weights_sha256(model), "preprocessing": preprocessing}
 
 
 def fingerprint_id(fingerprint: dict[str, Any]) -> str:
@@ -91,11 +96,7 @@ class Encoder:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.transform = build_transform(preprocessing)
-        self.fingerprint = {
-            "model": name,
-            "weights_sha256": weights_sha256(self.model),
-            "preprocessing": preprocessing,
-        }
+        self.fingerprint = model_fingerprint(self.model, name, preprocessing)
         self.fingerprint_id = fingerprint_id(self.fingerprint)
         self._dim: int | None = None
 
@@ -163,3 +164,23 @@ class Encoder:
                 bar.update(len(indices) + len(errors))
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
         return EmbeddingResult(embeddings, kept, failed)
+
+
+def with_image_size(encoder: Encoder, image_size: int | None, resuming: bool = False) -> Encoder:
+    """`encoder` with its input side set to `image_size` (None: unchanged).
+
+    A resumed run keeps the size it was trained at; asking for another one is an error.
+    """
+    current = int(encoder.preprocessing["input_size"][-1])
+    if not image_size or image_size == current:
+        return encoder
+    if resuming:
+        raise UserInputError(
+            f"cannot change --image-size when resuming: the run was trained at {current} px; "
+            "leave --image-size out or start a new run"
+        )
+    channels = encoder.preprocessing["input_size"][0]
+    pre = {**encoder.preprocessing, "input_size": [channels, image_size, image_size]}
+    return Encoder(
+        encoder.model, encoder.name, pre, device=encoder.device, channels_last=encoder.channels_last
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .atomic import MANIFEST, load_bundle
+from .checkpoint import read_checkpoint_dir
 from .encoder import Encoder
 from .errors import UserInputError
 from .offline import BUNDLED_WEIGHTS, DEFAULT_ENCODER, load_bundled_weights
@@ -91,31 +91,7 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(keep, strict=head_fits)
 
 
-# -- checkpoint folders written by `protonets train` ------------------------------------------------
-
-#: Manifest `kind` and newest format version of a trained-model folder (see protonets.training).
-CHECKPOINT_KIND = "protonets.Checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
-CHECKPOINT_WEIGHTS = "model.safetensors"
-
-
-def read_checkpoint_dir(path: str) -> dict[str, Any]:
-    """The verified manifest of a checkpoint folder; `manifest["weights_file"]` is its weights path.
-
-    The manifest names the timm model (`model`, `model_kwargs`) and the `preprocessing` it was
-    trained with. A folder that is not such a checkpoint is a UserInputError saying so.
-    """
-    if not os.path.isfile(os.path.join(path, MANIFEST)):
-        raise UserInputError(
-            f"checkpoint folder '{path}' has no {MANIFEST}: pass a folder written by "
-            "`protonets train --output DIR`, or a weights file (.safetensors / .pth)"
-        )
-    manifest, files = load_bundle(path, CHECKPOINT_KIND, CHECKPOINT_FORMAT_VERSION)
-    missing = [k for k in ("model", "preprocessing") if not isinstance(manifest.get(k), (str, dict))]
-    if missing or CHECKPOINT_WEIGHTS not in files:
-        what = ", ".join(missing + ([] if CHECKPOINT_WEIGHTS in files else [CHECKPOINT_WEIGHTS]))
-        raise UserInputError(f"checkpoint folder '{path}': its {MANIFEST} lacks {what}; save it again")
-    return {**manifest, "weights_file": files[CHECKPOINT_WEIGHTS]}
+# -- checkpoint folders written by `protonets train` (see checkpoint.py) ---------------------------
 
 
 def _resolve_checkpoint_dir(

@@ -1,8 +1,17 @@
 """Measure few-shot methods: datasets and splits, episodes, the vectorised protocol, reports."""
 
-from .datasets import FewShotDataset, csv_split, image_folder, load_dataset, omniglot
-from .episodes import Episodes, sample_episodes
-from .protocol import METHODS, evaluate, mean_ci95, register_method
+from protonets.episodes import Episodes, sample_episodes
+
+from .datasets import (
+    FewShotDataset,
+    csv_split,
+    image_folder,
+    load_dataset,
+    omniglot,
+    omniglot_alphabets,
+    within_alphabet_episodes,
+)
+from .protocol import METHODS, evaluate, mean_ci95
 from .report import markdown_table, plot_accuracy, result_row, write_results
 from .run import run_evaluation
 
@@ -17,10 +26,11 @@ __all__ = [
     "markdown_table",
     "mean_ci95",
     "omniglot",
+    "omniglot_alphabets",
     "plot_accuracy",
-    "register_method",
     "result_row",
     "run_evaluation",
     "sample_episodes",
+    "within_alphabet_episodes",
     "write_results",
 ]

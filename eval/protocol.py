@@ -1,52 +1,28 @@
 """The episodic protocol on cached embeddings: all episodes at once, in batched tensor code.
 
-A method maps (embeddings `[N, D]`, Episodes) to per-episode accuracies `[E]`. Metric heads run
-as batched gathers and matrix products over chunks of episodes (no Python loop per episode);
-the logistic-regression probe fits scikit-learn per episode, as it must.
+A method is a registered head (`protonets.heads.HEADS`): `evaluate` builds it from the registry
+and scores its `episode_logits` over chunks of episodes, sized by what the head declares
+(`episode_bytes`, `memory_budget`; `needs_grad` for test-time fine-tuning). Batched heads run as
+gathers and matrix products (no Python loop per episode); a head without batched
+`episode_logits` (the logistic-regression probe) runs one episode at a time.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+
 from protonets.encoders.errors import UserInputError
 from protonets.encoders.progress import progress_bar
-
-from protonets.heads import create_head
+from protonets.episodes import Episodes, gather_episodes
+from protonets.heads import HEADS, Head, build_head
 from protonets.stats import mean_ci95  # noqa: F401  (part of eval's API)
 
-from .episodes import Episodes
-
-MethodFn = Callable[..., np.ndarray]
-METHODS: dict[str, MethodFn] = {}
-
-
-def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
-    """Make an evaluation method available to `evaluate` and `protonets eval --method`."""
-
-    def decorate(fn: MethodFn) -> MethodFn:
-        METHODS[name] = fn
-        return fn
-
-    return decorate
-
-
-def episode_tensors(
-    embeddings: torch.Tensor, episodes: Episodes, start: int, stop: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Support `[e, N*K, D]`, support labels `[e, N*K]`, queries `[e, N*Q, D]`, query labels."""
-    idx = torch.from_numpy(episodes.indices[start:stop])
-    e, n, _ = idx.shape
-    k, q = episodes.shots, episodes.queries
-    support = embeddings[idx[:, :, :k].reshape(e, n * k)]
-    query = embeddings[idx[:, :, k:].reshape(e, n * q)]
-    ways = torch.arange(n)
-    support_labels = ways.repeat_interleave(k).expand(e, -1)
-    query_labels = ways.repeat_interleave(q).expand(e, -1)
-    return support, support_labels, query, query_labels
+METHODS = HEADS  # the evaluation methods are the registered heads
 
 
 def _chunk_size(episodes: Episodes, episode_bytes: int, budget_bytes: int) -> int:
@@ -78,70 +54,62 @@ def batched_accuracy(
     with torch.no_grad() if autograd else torch.inference_mode():
         for start in progress_bar(range(0, len(episodes), step), progress, desc=desc):
             stop = min(start + step, len(episodes))
-            support, s_labels, query, q_labels = episode_tensors(embeddings, episodes, start, stop)
+            support, s_labels, query, q_labels = gather_episodes(
+                embeddings, torch.from_numpy(episodes.indices[start:stop]), episodes.shots
+            )
             predicted = logits_fn(support, s_labels, query).argmax(-1)
             out[start:stop] = (predicted == q_labels).double().mean(1).numpy()
     return out
 
 
-def _head_method(**head_kwargs: Any) -> MethodFn:
-    def run(embeddings: torch.Tensor, episodes: Episodes, progress: bool = False, **_: Any) -> np.ndarray:
-        head = create_head("prototype", **head_kwargs)
-        return batched_accuracy(
-            embeddings, episodes, lambda s, y, q: head.episode_logits(s, y, q, episodes.ways), progress
+def _build(method: str, options: dict[str, Any]) -> Head:
+    """The head of `method`: a given `head` instance, or one built from the registry."""
+    given = options.pop("head", None)
+    if isinstance(given, Head):
+        return given
+    directory = given or options.pop("head_checkpoint", None)
+    cls = HEADS[method]
+    if not cls.needs_checkpoint:
+        return build_head(method, **options)
+    directory = directory or (os.environ.get(cls.checkpoint_env) if cls.checkpoint_env else None)
+    if not directory:
+        env = f" or set {cls.checkpoint_env}=DIR" if cls.checkpoint_env else ""
+        raise UserInputError(
+            f"--method {method} needs a trained head: pass --head-checkpoint DIR{env}, "
+            f"DIR being {cls.checkpoint_hint}"
         )
-
-    return run
-
-
-register_method("prototype")(_head_method(metric="euclidean"))
-register_method("prototype-cosine")(_head_method(metric="cosine"))
-register_method("cl2n")(_head_method(metric="euclidean", feature_transform="cl2n"))
-
-
-@register_method("knn")
-def knn(
-    embeddings: torch.Tensor, episodes: Episodes, k: int = 1, progress: bool = False, **_: Any
-) -> np.ndarray:
-    """k nearest support embeddings (Euclidean), majority vote; ties go to the nearest neighbour."""
-    kk = min(k, episodes.ways * episodes.shots)
-
-    def logits(support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        dist = torch.cdist(query, support)  # [e, Q, S]
-        near = dist.topk(kk, dim=-1, largest=False).indices  # [e, Q, kk]
-        votes = torch.nn.functional.one_hot(labels.gather(1, near.flatten(1)).view_as(near), episodes.ways)
-        rank_bonus = torch.linspace(1e-3, 0, kk).view(1, 1, kk, 1)  # nearer neighbours break ties
-        return (votes.double() + rank_bonus).sum(2)
-
-    return batched_accuracy(embeddings, episodes, logits, progress)
-
-
-@register_method("logreg")
-def logreg(
-    embeddings: torch.Tensor, episodes: Episodes, C: float = 1.0, progress: bool = False, **_: Any
-) -> np.ndarray:
-    """Logistic-regression probe fitted on each episode's L2-normalised support set (scikit-learn)."""
-    from sklearn.linear_model import LogisticRegression
-
-    out = np.empty(len(episodes))
-    emb = torch.nn.functional.normalize(embeddings, dim=-1)
-    for e in progress_bar(range(len(episodes)), progress, desc="logreg episodes"):
-        support, s_labels, query, q_labels = episode_tensors(emb, episodes, e, e + 1)
-        model = LogisticRegression(C=C, max_iter=1000)
-        model.fit(support[0].numpy(), s_labels[0].numpy())
-        out[e] = float((model.predict(query[0].numpy()) == q_labels[0].numpy()).mean())
-    return out
+    return build_head(method, os.fspath(directory), **options)
 
 
 def evaluate(
     embeddings: torch.Tensor, episodes: Episodes, method: str, progress: bool = False, **options: Any
 ) -> np.ndarray:
-    """Per-episode accuracies `[E]` of `method` on `episodes` over an embedding set."""
-    if method not in METHODS:
-        raise UserInputError(f"unknown method '{method}'; choose from {', '.join(sorted(METHODS))}")
+    """Per-episode accuracies `[E]` of the registered head `method` on `episodes`.
+
+    options: generic head options, each head keeps those its constructor takes (`k`, `steps`,
+    `metric`, ...); `head`: a built Head to use as is, or the folder of a head that needs a
+    checkpoint (else `head_checkpoint`, else the head's environment variable); `meta`: an object
+    whose `evaluate(episodes, embeddings, progress)` runs in the head's place (a meta-trained
+    learner, see `protonets.eval.meta`).
+    """
+    if method not in HEADS:
+        raise UserInputError(f"unknown method '{method}'; choose from {', '.join(sorted(HEADS))}")
     if episodes.queries < 1:
         raise UserInputError("evaluation needs at least one query per class")
-    return METHODS[method](embeddings.float(), episodes, progress=progress, **options)
-
-
-from . import maml_methods, siamese_methods  # noqa: E402, F401  (register the MAML-path and Siamese methods)
+    embeddings = embeddings.float()
+    meta = options.pop("meta", None)
+    if meta is not None:
+        return meta.evaluate(episodes, embeddings, progress)
+    head = _build(method, options)
+    n, k, q = episodes.ways, episodes.shots, episodes.queries
+    batched = type(head).episode_logits is not Head.episode_logits
+    return batched_accuracy(
+        embeddings,
+        episodes,
+        lambda s, y, qx: head.episode_logits(s, y.contiguous(), qx, n),
+        progress,
+        episode_bytes=head.episode_bytes(n, k, q, embeddings.shape[1]),
+        budget_bytes=head.memory_budget if batched else 0,  # a per-episode head: one at a time
+        autograd=head.needs_grad,
+        desc=f"{method} episodes",
+    )

@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from protonets.encoders import Encoder
 from protonets.encoders.cache import EmbeddingCache
+from protonets.episodes import sample_episodes
 
 from .datasets import FewShotDataset
-from .episodes import sample_episodes
 from .protocol import evaluate, mean_ci95
 from .report import result_row
 

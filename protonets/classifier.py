@@ -27,9 +27,7 @@ from protonets.encoders import (
 )
 from protonets.encoders.atomic import load_bundle, save_bundle
 
-from .heads import create_head
-from .maml import head as _maml_head  # noqa: F401  (registers the 'maml' head)
-from .siamese import head as _siamese_head  # noqa: F401  (registers the 'siamese' head)
+from .heads import Head, build_head, create_head, head_spec
 
 FORMAT_VERSION = 1
 KIND = "protonets.FewShotClassifier"
@@ -63,14 +61,15 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     ----------
     encoder: timm model name, or an `protonets.encoders.Encoder` to share one already built.
     checkpoint: local weights file for `encoder` (safetensors or a torch state dict).
-    head: registered head name ('prototype', 'maml', or 'siamese' with a Siamese `checkpoint` folder).
+    head: a registered head name (`protonets.HEADS`: 'prototype', 'cl2n', 'knn', 'logreg', 'maml', …);
+        a head that needs a checkpoint ('siamese') is loaded from the `checkpoint` folder.
     metric: 'cosine' or 'euclidean'.
     feature_transform: None, 'l2n' or 'cl2n' (SimpleShot: centre on the support mean, then L2).
     scale: cosine logit scale (softmax temperature).
     threshold: if set, queries whose top probability is below it are labelled `unknown_label`.
     memory: a `SupportMemory` to use as the support store: `fit` adds to it, predictions use its
         class prototypes (see `from_memory` for a memory that is already filled).
-    steps, inner_lr: for head='maml' (Proto-MAML fine-tuning), SGD steps on the support set and
+    steps, inner_lr: for heads that fine-tune ('maml': Proto-MAML), SGD steps on the support set and
         their step size (None: the head's defaults).
     """
 
@@ -195,24 +194,23 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.n_features_in_ = int(x.shape[1])
         self.encoder_fingerprint_ = fingerprint
-        head_kwargs = {"metric": self.metric, "feature_transform": self.feature_transform}
-        if self.head in ("prototype", "maml"):
-            head_kwargs["scale"] = self.scale
-        if self.head == "maml":
-            options = {"steps": self.steps, "lr": self.inner_lr}
-            head_kwargs.update({k: v for k, v in options.items() if v is not None})
-        if self.head == "siamese":  # a trained head: it comes with the checkpoint folder
-            from .siamese import load_siamese_head
-
-            if self.checkpoint is None or not os.path.isdir(self.checkpoint):
-                raise UserInputError(
-                    "head='siamese' needs checkpoint=DIR, a Siamese checkpoint folder "
-                    "(`protonets train --method siamese --output DIR`)"
-                )
-            self.head_ = load_siamese_head(self.checkpoint)[0].fit(x, torch.from_numpy(y_index))
-            return self
-        self.head_ = create_head(self.head, **head_kwargs).fit(x, torch.from_numpy(y_index))
+        self.head_ = self._build_head().fit(x, torch.from_numpy(y_index))
         return self
+
+    def _build_head(self) -> Head:
+        """The registered head `self.head`, its options taken from this classifier's parameters."""
+        cls = head_spec(self.head).load()
+        needs_checkpoint = cls.needs_checkpoint
+        if needs_checkpoint and (self.checkpoint is None or not os.path.isdir(self.checkpoint)):
+            raise UserInputError(f"head={self.head!r} needs checkpoint=DIR, {cls.checkpoint_hint}")
+        options = {
+            "metric": self.metric,
+            "feature_transform": self.feature_transform,
+            "scale": self.scale,
+            "steps": self.steps,
+            "lr": self.inner_lr,
+        }
+        return build_head(self.head, self.checkpoint if needs_checkpoint else None, **options)
 
     # -- support memory --------------------------------------------------------------------
     @classmethod
@@ -320,17 +318,30 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     ) -> FewShotClassifier:
         """Load a saved classifier; refuses a newer format or a mismatching encoder fingerprint."""
         manifest, files = load_bundle(directory, KIND, FORMAT_VERSION)
-        params = dict(manifest["params"])
-        if device is not None:
-            params["device"] = device
-        if encoder is not None:
-            params["encoder"] = encoder
-        clf = cls(**params)
-        clf.classes_ = np.asarray(manifest["classes"])
-        clf.n_features_in_ = int(manifest["n_features_in"])
-        clf.encoder_fingerprint_ = manifest["encoder_fingerprint"]
-        head = create_head(manifest["head"]["name"], **manifest["head"]["hyperparameters"])
-        head.load_state_dict(load_file(files["head.safetensors"]))
+        try:
+            params = dict(manifest["params"])
+            if device is not None:
+                params["device"] = device
+            if encoder is not None:
+                params["encoder"] = encoder
+            clf = cls(**params)
+            clf.classes_ = np.asarray(manifest["classes"])
+            clf.n_features_in_ = int(manifest["n_features_in"])
+            clf.encoder_fingerprint_ = manifest["encoder_fingerprint"]
+            head = create_head(manifest["head"]["name"], **manifest["head"]["hyperparameters"])
+            head.load_state_dict(load_file(files["head.safetensors"]))
+            with torch.no_grad():  # one query: the head must score exactly the listed classes
+                width = head(torch.zeros(1, clf.n_features_in_)).shape[-1]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            what = f"it lacks {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise UserInputError(
+                f"'{directory}' is not a consistent saved classifier ({what}); save it again"
+            ) from None
+        if clf.classes_.ndim != 1 or width != len(clf.classes_):
+            raise UserInputError(
+                f"'{directory}': its manifest lists {clf.classes_.size} classes but the saved head "
+                f"scores {width}; restore the folder or save the classifier again"
+            )
         clf.head_ = head
         if clf.encoder_fingerprint_ is not None:
             fp = clf.get_encoder().fingerprint

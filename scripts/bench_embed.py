@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from protonets.encoders import create_encoder, list_images, open_image
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101" / "101_ObjectCategories"

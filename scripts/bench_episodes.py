@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from protonets.encoders import create_encoder, open_image
 from protonets.encoders.cache import EmbeddingCache
+from protonets.episodes import sample_episodes
 from protonets.eval.datasets import image_folder
-from protonets.eval.episodes import sample_episodes
 from protonets.eval.protocol import evaluate
-
 from protonets.heads import PrototypeHead
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,8 +40,9 @@ VARIANTS = ("ours-vmap", "ours-loop", "l2l-loop")
 def build_body() -> nn.Module:
     """Conv-4 (encoders/conv4.py when present, else an identical stand-in): 28×28×1 -> 64."""
     try:
-        import protonets.encoders.conv4  # noqa: F401  (registers 'conv4' with timm)
         import timm
+
+        import protonets.encoders.conv4  # noqa: F401  (registers 'conv4' with timm)
 
         return timm.create_model("conv4", num_classes=0)
     except ImportError:

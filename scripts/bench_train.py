@@ -17,8 +17,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from protonets.encoders import Encoder, create_encoder
 
+from protonets.encoders import Encoder, create_encoder
 from protonets.training import EpisodicTrainer, ImageSet, TrainConfig, preload_images
 
 

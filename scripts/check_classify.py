@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from protonets.episodes import sample_episodes
 from protonets.eval.datasets import image_folder
-from protonets.eval.episodes import sample_episodes
 from protonets.eval.protocol import mean_ci95
 
 REPO = Path(__file__).resolve().parents[1]

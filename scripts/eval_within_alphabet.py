@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from protonets.encoders.atomic import write_json_atomically  # noqa: E402
+from protonets.eval.datasets import omniglot_alphabets, within_alphabet_episodes  # noqa: E402
 from protonets.eval.protocol import evaluate, mean_ci95  # noqa: E402
-from protonets.eval.siamese_methods import omniglot_alphabets, within_alphabet_episodes  # noqa: E402
-
-from protonets.siamese import load_siamese, random_pairs  # noqa: E402
+from protonets.siamese import load_siamese  # noqa: E402
+from protonets.siamese.training import random_pairs  # noqa: E402
 from protonets.training import preload_images, to_input  # noqa: E402
 
 

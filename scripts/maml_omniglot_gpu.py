@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from protonets.encoders import create_encoder
 from protonets.encoders.atomic import write_json_atomically
+from protonets.episodes import sample_episodes
 from protonets.eval.datasets import omniglot
-from protonets.eval.episodes import sample_episodes
-
 from protonets.maml.train import MetaConfig, MetaTrainer, evaluate_episodes, load_meta_learner
 from protonets.stats import mean_ci95
 from protonets.training import ImageSet, TrainConfig, preload_images

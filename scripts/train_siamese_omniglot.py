@@ -21,11 +21,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from protonets.encoders import UserInputError, create_encoder  # noqa: E402
-from protonets.eval.siamese_methods import omniglot_alphabets, within_alphabet_episodes  # noqa: E402
-
-from protonets.cli.common import resolve_device, with_image_size  # noqa: E402
-from protonets.siamese import SiameseConfig, SiameseTrainer, random_pairs, save_siamese_checkpoint  # noqa: E402
+from protonets.encoders import UserInputError, create_encoder, resolve_device, with_image_size  # noqa: E402  # noqa: E402
+from protonets.eval.datasets import omniglot_alphabets, within_alphabet_episodes  # noqa: E402
+from protonets.siamese import save_siamese_checkpoint  # noqa: E402
+from protonets.siamese.training import SiameseConfig, SiameseTrainer, random_pairs  # noqa: E402
 from protonets.training import ImageSet, preload_images, to_input  # noqa: E402
 from protonets.training.checkpoint import load_state  # noqa: E402
 

@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 import torch
-from protonets.encoders import Encoder
-from protonets.encoders.cache import EmbeddingCache
 from torch import nn
 
+from protonets.encoders import Encoder
+from protonets.encoders.cache import EmbeddingCache
 from tests.conftest import EXAMPLES
 
 PRE = {

@@ -27,8 +27,8 @@ def test_committed_checkpoint_loads_with_its_fingerprint(name):
 @pytest.fixture(scope="module")
 def omniglot_test_episodes():
     """20 seeded 5-way 1-shot episodes (5 queries) of the Omniglot Vinyals test split."""
+    from protonets.episodes import sample_episodes
     from protonets.eval.datasets import omniglot
-    from protonets.eval.episodes import sample_episodes
 
     dataset = omniglot(str(require_data("omniglot")), "test")
     batch = sample_episodes(dataset.labels, 5, 1, 5, 20, seed=0, class_names=dataset.class_names)
@@ -44,7 +44,6 @@ def _embed(encoder, items):
 def test_protonet_and_siamese_checkpoints_classify_omniglot_test_characters(omniglot_test_episodes):
     from protonets.encoders import create_encoder
     from protonets.eval.protocol import evaluate
-
     from protonets.siamese import load_siamese
 
     items, episodes = omniglot_test_episodes

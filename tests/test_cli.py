@@ -121,6 +121,8 @@ def test_unknown_model_and_unfit_checkpoint(capsys, support, tmp_path):
 
 def test_hub_model_without_network(capsys, support, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # the hub is unreachable here; on a machine with network access it must look unreachable too
+    monkeypatch.setattr("protonets.encoders.factory._hub_reachable", lambda *a, **k: False)
     code, _, err = _run(capsys, "classify", support, EXAMPLES / "queries", "--encoder", "resnet18")
     _one_line_error(code, err, "--checkpoint")
 

@@ -4,9 +4,10 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torch import nn
+
 from protonets.encoders import UserInputError, create_encoder
 from protonets.encoders.conv4 import Conv4
-from torch import nn
 
 
 def test_registered_with_timm():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+
 from protonets.encoders.errors import UserInputError
 from protonets.eval.datasets import csv_split, image_folder, load_dataset, omniglot
-
 from tests.conftest import EXAMPLES, require_data
 
 

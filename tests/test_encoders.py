@@ -1,8 +1,8 @@
 import pytest
 import torch
+
 from protonets.encoders import UserInputError, create_encoder
 from protonets.encoders.offline import bundled_weights_file, map_bundled_state_dict
-
 from tests.conftest import require_data
 
 
@@ -34,8 +34,9 @@ def test_mapping_refuses_mismatched_shapes():
 )
 def test_default_encoder_is_imagenet_pretrained(default_encoder, folder, fragment):
     """The full network (with classifier) names real photos' ImageNet classes confidently."""
-    from protonets.encoders import open_image
     from timm.data import ImageNetInfo
+
+    from protonets.encoders import open_image
 
     root = require_data("caltech101", "101_ObjectCategories", folder)
     x = torch.stack([default_encoder.transform(open_image(root / f"image_000{i}.jpg")) for i in range(1, 6)])

@@ -2,8 +2,10 @@ import logging
 
 import numpy as np
 import pytest
+import torch
+
 from protonets.encoders.errors import UserInputError
-from protonets.eval.episodes import Episodes, sample_episodes
+from protonets.episodes import Episodes, sample_episodes
 
 
 def _labels(counts):
@@ -42,7 +44,7 @@ def test_known_values_are_stable_across_machines():
 
 def test_small_classes_are_left_out_with_one_warning(caplog):
     labels = _labels([20, 3, 20, 2, 20])
-    with caplog.at_level(logging.WARNING, logger="protonets.eval.episodes"):
+    with caplog.at_level(logging.WARNING, logger="protonets.episodes"):
         ep = sample_episodes(labels, 3, 5, 5, 20, seed=0, class_names=list("abcde"))
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
@@ -61,3 +63,24 @@ def test_save_and_load_round_trip(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"junk")
     with pytest.raises(UserInputError, match="bad.npz"):
         Episodes.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("item", [(), (4,), (1, 3, 2)])
+def test_split_works_on_any_batch_shape_and_item_shape(item):
+    """Index tensors, embeddings `[..., D]` and images `[..., C, H, W]` split alike."""
+    from protonets.episodes import gather_episodes, split_episodes
+
+    ways, shots, queries = 3, 2, 4
+    x = torch.randn(2, 5, ways, shots + queries, *item)
+    s, sy, q, qy = split_episodes(x, shots, item_dims=len(item))
+    assert s.shape == (2, 5, ways * shots, *item) and q.shape == (2, 5, ways * queries, *item)
+    assert sy.shape == (2, 5, ways * shots) and qy.shape == (2, 5, ways * queries)
+    for n in range(ways):
+        assert torch.equal(s[:, :, n * shots : (n + 1) * shots], x[:, :, n, :shots])
+        assert torch.equal(q[:, :, n * queries : (n + 1) * queries], x[:, :, n, shots:])
+        assert (sy[..., n * shots : (n + 1) * shots] == n).all()
+        assert (qy[..., n * queries : (n + 1) * queries] == n).all()
+    rows = torch.randn(50, *item)
+    index = torch.randint(50, (7, ways, shots + queries))
+    for a, b in zip(gather_episodes(rows, index, shots), split_episodes(rows[index], shots, len(item))):
+        assert torch.equal(a, b)

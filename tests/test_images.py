@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 from PIL import Image
+
 from protonets.encoders import ImageItem, ImageLoadError, open_image
 from protonets.encoders import images as images_module
 

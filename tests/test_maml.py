@@ -407,7 +407,7 @@ def test_classifier_with_maml_head_fits_saves_and_loads(tmp_path):
 
 
 def test_eval_method_maml_runs_on_episodes_and_zero_steps_equals_prototype():
-    from protonets.eval.episodes import sample_episodes
+    from protonets.episodes import sample_episodes
     from protonets.eval.protocol import METHODS, evaluate
 
     rng = np.random.default_rng(0)
@@ -456,7 +456,6 @@ def _image_sets():
 
 def test_meta_trainer_checkpoint_log_load_and_resume(tmp_path):
     from protonets.encoders import create_encoder
-
     from protonets.maml.train import MetaConfig, MetaTrainer, load_meta_learner
     from protonets.training import TrainConfig, read_log
 
@@ -514,9 +513,8 @@ def test_meta_trainer_checkpoint_log_load_and_resume(tmp_path):
 def test_meta_trainer_refuses_other_val_ways_and_train_options_parse():
     import argparse
 
+    from protonets.cli.train_maml import add_train_options, meta_config
     from protonets.encoders import UserInputError, create_encoder
-
-    from protonets.maml.cli import add_train_options, meta_config
     from protonets.maml.train import MetaConfig, MetaTrainer
     from protonets.training import TrainConfig
 
@@ -575,7 +573,7 @@ def test_train_command_runs_maml_methods(tmp_path):
 
 def _spy_on_meta_episodes(monkeypatch) -> list[int]:
     """Count the calls of the meta-trained evaluation path (not the Proto-MAML fallback)."""
-    from protonets.eval.maml_methods import MetaEpisodes
+    from protonets.eval.meta import MetaEpisodes
 
     calls, original = [], MetaEpisodes.evaluate
 
@@ -589,11 +587,10 @@ def _spy_on_meta_episodes(monkeypatch) -> list[int]:
 
 def test_eval_command_adapts_a_meta_trained_checkpoint_on_episode_images(tmp_path, capsys, monkeypatch):
     """`protonets eval --method maml --checkpoint DIR` on a meta-trained DIR runs its learner."""
-    from protonets.encoders import UserInputError
-    from protonets.eval.datasets import load_dataset
-    from protonets.eval.episodes import sample_episodes
-
     from protonets.cli import main
+    from protonets.encoders import UserInputError
+    from protonets.episodes import sample_episodes
+    from protonets.eval.datasets import load_dataset
     from protonets.maml.train import evaluate_episodes, load_meta_learner
     from tests.conftest import EXAMPLES
 
@@ -621,7 +618,7 @@ def test_eval_command_adapts_a_meta_trained_checkpoint_on_episode_images(tmp_pat
     assert main(wide) != 0
     assert "meta-trained for 3-way episodes" in capsys.readouterr().err
     with pytest.raises(UserInputError, match="--ways 3"):
-        from protonets.eval.maml_methods import MetaEpisodes
+        from protonets.eval.meta import MetaEpisodes
 
         MetaEpisodes(learner, encoder, dataset.items).check_ways(5)
 
@@ -629,12 +626,11 @@ def test_eval_command_adapts_a_meta_trained_checkpoint_on_episode_images(tmp_pat
 def test_frozen_anil_head_meta_trains_on_embeddings_and_beats_its_start():
     """ANIL on cached embeddings (Meta-SGD step sizes): validation accuracy rises well above the start."""
     from protonets.encoders import UserInputError
-
+    from protonets.episodes import EpisodeSampler
     from protonets.maml.frozen import episode_tasks, head_features, train_frozen_anil
     from protonets.maml.train import MetaConfig, create_meta_learner
     from protonets.maml.train import query_scores as accuracy
     from protonets.training import TrainConfig
-    from protonets.training.episodes import EpisodeSampler
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(40), 10)
@@ -649,8 +645,8 @@ def test_frozen_anil_head_meta_trains_on_embeddings_and_beats_its_start():
     torch.manual_seed(0)
     learner = create_meta_learner(None, 16, 5, meta)
     assert learner.body is None
-    sampler = EpisodeSampler(torch.as_tensor(labels[val]) - 30, 5, 1, 3, torch.Generator().manual_seed(9))
-    tasks = episode_tasks(head_features(emb[val]), sampler.sample_many(100), 1)
+    sampler = EpisodeSampler(torch.as_tensor(labels[val]) - 30, 5, 1, 3)
+    tasks = episode_tasks(head_features(emb[val]), sampler.sample(np.random.default_rng(9), 100), 1)
     before = float(accuracy(learner, tasks, 1)[1].mean())
     history = train_frozen_anil(
         learner,
@@ -682,12 +678,11 @@ def test_frozen_anil_head_meta_trains_on_embeddings_and_beats_its_start():
 
 def test_train_command_anil_on_a_frozen_encoder_and_eval_on_its_embeddings(tmp_path, capsys, monkeypatch):
     """`protonets train --method anil --freeze-encoder` → `protonets eval --method maml` on embeddings."""
-    from protonets.encoders import UserInputError
-    from protonets.eval.datasets import load_dataset
-    from protonets.eval.episodes import sample_episodes
-    from protonets.eval.run import embed_dataset
-
     from protonets.cli import main
+    from protonets.encoders import UserInputError
+    from protonets.episodes import sample_episodes
+    from protonets.eval.datasets import load_dataset
+    from protonets.eval.run import embed_dataset
     from protonets.maml.frozen import episode_tasks, head_features
     from protonets.maml.train import MetaConfig, load_meta_learner
     from protonets.maml.train import query_scores as accuracy
@@ -740,8 +735,7 @@ def test_train_command_anil_on_a_frozen_encoder_and_eval_on_its_embeddings(tmp_p
     assert "use it with --method siamese or anil" in capsys.readouterr().err
     with pytest.raises(UserInputError, match="use --method anil with --freeze-encoder"):
         MetaConfig(method="fomaml", frozen_encoder=True)
-    from protonets.eval.maml_methods import MetaEpisodes
-
+    from protonets.eval.meta import MetaEpisodes
     from protonets.maml.train import create_meta_learner
 
     proto = create_meta_learner(None, 8, 3, MetaConfig(method="anil", frozen_encoder=True, proto_init=True))

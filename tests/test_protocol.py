@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import torch
-from protonets.eval.episodes import sample_episodes
-from protonets.eval.protocol import METHODS, episode_tensors, evaluate
-from protonets.eval.run import run_evaluation
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+
+from protonets.episodes import gather_episodes, sample_episodes
+from protonets.eval.protocol import METHODS, evaluate
+from protonets.eval.run import run_evaluation
 
 
 def _clusters(seed=0, classes=12, per_class=30, dim=16, spread=1.0):
@@ -36,7 +37,9 @@ def test_vectorised_prototype_equals_plain_loop_and_nearest_centroid(shots):
     ours = evaluate(emb, ep, "prototype")
     np.testing.assert_allclose(ours, _plain_protonet(emb, ep))
     for e in range(0, 40, 7):
-        s, sy, q, qy = (t[0].numpy() for t in episode_tensors(emb, ep, e, e + 1))
+        s, sy, q, qy = (
+            t[0].numpy() for t in gather_episodes(emb, torch.from_numpy(ep.indices[e : e + 1]), ep.shots)
+        )
         ref = (NearestCentroid().fit(s, sy).predict(q) == qy).mean()
         assert ours[e] == pytest.approx(ref)
 
@@ -46,7 +49,9 @@ def test_knn_matches_sklearn_for_k1():
     ep = sample_episodes(labels, 5, 3, 5, episodes=20, seed=0)
     ours = evaluate(emb, ep, "knn", k=1)
     for e in range(20):
-        s, sy, q, qy = (t[0].numpy() for t in episode_tensors(emb, ep, e, e + 1))
+        s, sy, q, qy = (
+            t[0].numpy() for t in gather_episodes(emb, torch.from_numpy(ep.indices[e : e + 1]), ep.shots)
+        )
         ref = (KNeighborsClassifier(1).fit(s, sy).predict(q) == qy).mean()
         assert ours[e] == pytest.approx(ref)
 

@@ -8,19 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from protonets.encoders import create_encoder
 
+from protonets.encoders import create_encoder
 from protonets.siamese import (
-    SiameseConfig,
     SiameseHead,
-    SiameseTrainer,
     calibrate_threshold,
     load_siamese,
-    random_pairs,
     sample_pairs,
     save_siamese_checkpoint,
-    train_head,
 )
+from protonets.siamese.training import SiameseConfig, SiameseTrainer, random_pairs, train_head
 from protonets.training import ImageSet
 
 
@@ -175,7 +172,7 @@ def test_classifier_with_the_siamese_head(tmp_path):
 
 
 def test_eval_method_siamese_runs_on_episodes(monkeypatch, tmp_path):
-    from protonets.eval.episodes import sample_episodes
+    from protonets.episodes import sample_episodes
     from protonets.eval.protocol import evaluate
 
     emb, labels = _clusters(12, 8, dim=64)

@@ -1,18 +1,19 @@
 """Episodic training: sampler, learning, resume, checkpoints, the train command."""
 
 import json
+import logging
 import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from protonets.encoders import UserInputError, create_encoder, open_image
 from safetensors.torch import load_file
 
 from protonets.cli import main
+from protonets.encoders import UserInputError, create_encoder, open_image
+from protonets.episodes import EpisodeSampler
 from protonets.training import (
-    EpisodeSampler,
     EpisodicTrainer,
     ImageSet,
     TrainConfig,
@@ -69,22 +70,23 @@ def trainer(data, output=None, init_seed=0, **overrides) -> EpisodicTrainer:
 # -- sampling and data -----------------------------------------------------------------------------
 def test_sampler_draws_distinct_classes_and_images():
     labels = torch.tensor([0] * 6 + [1] * 6 + [2] * 3 + [3] * 7)
-    sampler = EpisodeSampler(labels, 3, 2, 2, torch.Generator().manual_seed(0))
-    assert sampler.num_classes == 3  # class 2 has too few images for 2 + 2
+    sampler = EpisodeSampler(labels, 3, 2, 2, split="training")
+    assert len(sampler.usable) == 3  # class 2 has too few images for 2 + 2
+    rng = np.random.default_rng(0)
     for _ in range(20):
-        episode = sampler.sample()
+        episode = sampler.sample(rng, 1)[0]
         assert episode.shape == (3, 4)
         classes = labels[episode]
         assert (classes == classes[:, :1]).all() and len(set(classes[:, 0].tolist())) == 3
         assert len(set(episode.flatten().tolist())) == 12 and 2 not in classes
-    again = EpisodeSampler(labels, 3, 2, 2, torch.Generator().manual_seed(0))
-    first = EpisodeSampler(labels, 3, 2, 2, torch.Generator().manual_seed(0))
-    assert torch.equal(again.sample_many(5), first.sample_many(5))
+    again = EpisodeSampler(labels, 3, 2, 2)
+    first = EpisodeSampler(labels, 3, 2, 2)
+    assert torch.equal(again.sample(np.random.default_rng(0), 5), first.sample(np.random.default_rng(0), 5))
 
 
 def test_sampler_needs_enough_classes():
     with pytest.raises(UserInputError, match="60 ways need 60 classes.*has 2"):
-        EpisodeSampler(torch.tensor([0] * 10 + [1] * 10), 60, 5, 5, torch.Generator())
+        EpisodeSampler(torch.tensor([0] * 10 + [1] * 10), 60, 5, 5, split="training")
 
 
 def test_augment_is_seeded_and_keeps_shape():
@@ -187,10 +189,39 @@ def test_resume_without_the_saved_rng_state_differs(data, tmp_path):
     trainer(data, tmp_path / "a", episodes=8).fit()
     other = trainer(data, tmp_path / "a")
     other.resume()
-    other.generator.manual_seed(12345)
+    other.rng.bit_generator.state = np.random.default_rng(12345).bit_generator.state
     other.fit()
     straight = trainer(data, tmp_path / "b").fit()
     assert _strip(read_log(tmp_path / "a"))[-1] != _strip(straight.history)[-1]
+
+
+def test_an_older_resume_state_resumes_with_one_warning(caplog):
+    """checkpoints/protonet-conv4-omniglot/resume predates the numpy episode sampler: it holds only
+    the torch `rng.sampler` state. It resumes, re-seeding the episodes from (seed, step), and says so."""
+    from protonets.training.checkpoint import load_state
+    from tests.conftest import REPO
+
+    manifest, tensors = load_state(REPO / "checkpoints" / "protonet-conv4-omniglot")
+    assert "episode_rng" not in manifest and "rng.sampler" in tensors
+    step = manifest["step"]
+    config = TrainConfig.from_dict({**manifest["config"], "episodes": step + 2})
+    runs = []
+    for _ in range(2):
+        manifest, tensors = load_state(
+            REPO / "checkpoints" / "protonet-conv4-omniglot"
+        )  # Adam updates in place
+        t = EpisodicTrainer(
+            create_encoder("conv4", pretrained=False), synthetic(60, 10, 0), None, config, progress=False
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="protonets.training.loop"):
+            t.loop.load_state(manifest, tensors)  # the data check is for the Omniglot run's own data
+        assert len(caplog.records) == 1 and "differ from those of an uninterrupted run" in caplog.text
+        expected = np.random.default_rng([config.seed, step]).bit_generator.state
+        assert t.step == step and t.rng.bit_generator.state == expected
+        runs.append(t.fit().history)
+    assert [r["step"] for r in runs[0]] == [step + 2] and np.isfinite(runs[0][0]["train_loss"])
+    assert _strip(runs[0]) == _strip(runs[1])  # the re-seeding is deterministic
 
 
 def test_resume_refuses_other_data(data, tmp_path):

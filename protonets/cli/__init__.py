@@ -11,17 +11,29 @@ from collections.abc import Sequence
 
 from protonets.encoders.errors import UserInputError
 
-#: Sub-command modules inside protonets.cli; each has `add_parser(subparsers)` and `run(args)`.
-COMMANDS = ["classify", "evaluate", "memory", "train", "verify"]
+#: Sub-commands: name -> (module inside protonets.cli with `add_parser(sub, summary)` and
+#: `run(args)`, the one-line summary `protonets --help` lists).
+COMMANDS = {
+    "classify": ("classify", "classify query images against a support folder (one sub-folder per class)"),
+    "eval": ("evaluate", "episodic benchmark: mean accuracy ± 95%% CI per method, ways and shots"),
+    "memory": ("memory", "build, grow and query a saved support memory (FAISS; millions of images)"),
+    "train": ("train", "train a few-shot model: ProtoNet (default), Siamese, MAML/FOMAML/ANIL"),
+    "verify": ("verify", "same class or not? the Siamese head's similarity of two images"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with `command`, only that sub-command's module is imported (the
+    others are listed by name and summary), so help and argument errors answer quickly."""
     parser = argparse.ArgumentParser(
         prog="protonets", description="Few-shot image classification with pretrained encoders."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+    for name, (module, summary) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(f"{__name__}.{module}").add_parser(sub, summary)
+        else:
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
@@ -37,7 +49,9 @@ def _setup_logging(quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status (2 on bad input)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     _setup_logging(quiet=getattr(args, "quiet", False))
     try:

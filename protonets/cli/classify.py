@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from protonets.encoders import resolve_device
+
 from ..classifier import FewShotClassifier
+from ..heads import HEADS
 from .common import (
     add_encoder_options,
     non_negative_int,
     positive_int,
     probability,
     query_paths,
-    resolve_device,
     support_folder,
     write_rows,
 )
@@ -25,15 +27,22 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p = sub.add_parser(
         "classify",
-        help="classify query images against a support folder (one sub-folder per class)",
+        help=summary,
         description="Classify query images against a support folder with one sub-folder of images per class.",
     )
     p.add_argument("support", metavar="SUPPORT_DIR", help="folder with one sub-folder of images per class")
     p.add_argument("queries", metavar="QUERY", nargs="+", help="image files or folders of images")
-    p.add_argument("--head", default="prototype", help="classification head (default: %(default)s)")
+    p.add_argument(
+        "--head",
+        default="prototype",
+        choices=sorted(HEADS),
+        metavar="HEAD",
+        help=f"classification head: one of {', '.join(sorted(HEADS))} (default: %(default)s; "
+        "siamese: --checkpoint is its Siamese checkpoint folder)",
+    )
     p.add_argument("--metric", choices=["euclidean", "cosine"], default="cosine")
     p.add_argument(
         "--steps", type=non_negative_int, default=None, help="--head maml: SGD steps on the support set"
@@ -55,8 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    support, labels = support_folder(args.support)
-    queries = query_paths(args.queries)
+    support, labels = support_folder(args.support, skip_bad=args.skip_bad)
+    queries = query_paths(args.queries, skip_bad=args.skip_bad)
     clf = FewShotClassifier(
         encoder=args.encoder,
         checkpoint=args.checkpoint,

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
+import re
 from typing import Any, TextIO
 
-import torch
-
-from protonets.encoders import DEFAULT_ENCODER, Encoder, create_encoder, list_images
+from protonets.encoders import DEFAULT_ENCODER
 from protonets.encoders.errors import UserInputError
+from protonets.encoders.images import walk_images
+
+log = logging.getLogger("protonets.cli")
 
 
 def add_encoder_options(parser: argparse.ArgumentParser) -> None:
@@ -53,64 +56,86 @@ def probability(text: str) -> float:
     return value
 
 
-def resolve_device(name: str) -> str:
-    """'auto' picks CUDA when available; a CUDA device that is not there is a clear error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise UserInputError(f"--device '{name}' is not a device name (cpu, cuda, cuda:0, auto)") from None
-    return name
+def class_images(root: str, skip_bad: bool = False) -> tuple[list[str], list[str]]:
+    """Image paths and labels under `root`: each visible sub-folder is a class, read recursively.
 
-
-def support_folder(root: str) -> tuple[list[str], list[str]]:
-    """Image paths and class names from a folder with one sub-folder of images per class."""
-    if not os.path.isdir(root):
-        raise UserInputError(f"support folder '{root}' does not exist or is not a folder")
-    classes = sorted(
-        d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
-    )
+    Broken symlinks, symlink loops and unreadable folders are an error naming the first one
+    (with `skip_bad`: a warning each). A class folder without images is an error.
+    """
     paths: list[str] = []
     labels: list[str] = []
-    for name in classes:
-        images = list_images(os.path.join(root, name))
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if name.startswith("."):
+            continue
+        if not os.path.isdir(folder):
+            if os.path.islink(folder):
+                _bad([f"'{folder}' is a broken symlink or a symlink loop"], skip_bad)
+            continue
+        images, problems = walk_images(folder)
+        _bad(problems, skip_bad)
         if not images:
-            raise UserInputError(
-                f"class folder '{os.path.join(root, name)}' holds no images; add some or remove it"
-            )
+            raise UserInputError(f"class folder '{folder}' holds no images; add some or remove it")
         paths += images
         labels += [name] * len(images)
-    if len(classes) < 2:
+    return paths, labels
+
+
+def _bad(problems: list[str], skip_bad: bool) -> None:
+    """Broken links and the like: an error (one line), or with --skip-bad a warning each."""
+    if problems and not skip_bad:
+        raise UserInputError(f"{problems[0]}; fix or remove it, or pass --skip-bad to go on without it")
+    for problem in problems:
+        log.warning("skipped: %s", problem)
+
+
+def support_folder(root: str, skip_bad: bool = False) -> tuple[list[str], list[str]]:
+    """Image paths and class names from a folder with one sub-folder of images per class
+    (searched recursively, as query folders are)."""
+    if not os.path.isdir(root):
+        raise UserInputError(f"support folder '{root}' does not exist or is not a folder")
+    paths, labels = class_images(root, skip_bad=skip_bad)
+    found = len(set(labels))
+    if found < 2:
         raise UserInputError(
-            f"support folder '{root}' needs at least 2 class sub-folders of images, found {len(classes)}"
+            f"support folder '{root}' needs at least 2 class sub-folders of images, found {found}"
         )
     return paths, labels
 
 
-def query_paths(queries: list[str]) -> list[str]:
+def query_paths(queries: list[str], skip_bad: bool = False) -> list[str]:
     """Expand query arguments (image files or folders, searched recursively) into image paths."""
     paths: list[str] = []
     for query in queries:
         if os.path.isdir(query):
-            found = []
-            for folder, dirs, _files in os.walk(query):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += list_images(folder)
+            found, problems = walk_images(query)
+            _bad(problems, skip_bad)
             if not found:
                 raise UserInputError(f"query folder '{query}' holds no images")
             paths += found
         elif os.path.isfile(query):
             paths.append(query)
+        elif os.path.islink(query):
+            raise UserInputError(f"query '{query}' is a broken symlink or a symlink loop; fix or remove it")
         else:
             raise UserInputError(f"query '{query}' does not exist")
     return paths
 
 
+#: Control characters (C0, DEL, C1) and line/paragraph separators, shown escaped in tables.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: Any) -> str:
+    """`text` with control characters escaped (\\n, \\t, \\x1b …) so a table row never breaks."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
 def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, value: str = "probability") -> None:
-    """Per-query results (`query`, `label`, `value`, `top_k`) as a table, JSON or CSV."""
+    """Per-query results (`query`, `label`, `value`, `top_k`) as a table, JSON or CSV.
+
+    JSON and CSV hold names exactly; the table escapes control characters in them.
+    """
     if fmt == "json":
         json.dump(rows, out, indent=2)
         out.write("\n")
@@ -122,56 +147,14 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, value: str = "
             writer.writerow([r["query"], r["label"], f"{r[value]:.4f}", top])
     else:
         header = "prob" if value == "probability" else value
-        width = max([len("query")] + [len(r["query"]) for r in rows])
-        lwidth = max([len("label")] + [len(r["label"]) for r in rows])
+        shown = [(printable(r["query"]), printable(r["label"])) for r in rows]
+        width = max([len("query")] + [len(q) for q, _ in shown])
+        lwidth = max([len("label")] + [len(label) for _, label in shown])
         out.write(f"{'query':<{width}}  {'label':<{lwidth}}  {header:>7}  top-k\n")
         out.write(f"{'-' * width}  {'-' * lwidth}  {'-' * 7}  {'-' * 5}\n")
-        for r in rows:
-            others = ", ".join(f"{c} {v:.3f}" for c, v in r["top_k"])
-            out.write(f"{r['query']:<{width}}  {r['label']:<{lwidth}}  {r[value]:>7.3f}  {others}\n")
+        for r, (query, label) in zip(rows, shown):
+            others = ", ".join(f"{printable(c)} {v:.3f}" for c, v in r["top_k"])
+            out.write(f"{query:<{width}}  {label:<{lwidth}}  {r[value]:>7.3f}  {others}\n")
 
 
-def with_image_size(encoder: Encoder, image_size: int | None, resuming: bool = False) -> Encoder:
-    """`encoder` with its input side set to `--image-size` (None: unchanged).
-
-    A resumed run keeps the size it was trained at; asking for another one is an error.
-    """
-    current = int(encoder.preprocessing["input_size"][-1])
-    if not image_size or image_size == current:
-        return encoder
-    if resuming:
-        raise UserInputError(
-            f"cannot change --image-size when resuming: the run was trained at {current} px; "
-            "leave --image-size out or start a new run"
-        )
-    channels = encoder.preprocessing["input_size"][0]
-    pre = {**encoder.preprocessing, "input_size": [channels, image_size, image_size]}
-    return Encoder(
-        encoder.model, encoder.name, pre, device=encoder.device, channels_last=encoder.channels_last
-    )
-
-
-def frozen_embeddings(
-    args: argparse.Namespace, split: str | None, val_split: str | None, device: str
-) -> tuple[Encoder, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """What a `--freeze-encoder` head trains on: (pretrained encoder, embeddings, labels, dataset info).
-
-    The encoder is `--encoder` (default: the offline default), pretrained and resized by
-    `--image-size`; embeddings and labels are keyed 'train' (and 'val' with a validation split)
-    and come through the embedding cache (`--cache-dir`).
-    """
-    from protonets.eval.datasets import load_dataset
-    from protonets.eval.run import embed_dataset
-
-    encoder = create_encoder(args.encoder or DEFAULT_ENCODER, pretrained=True, device=device)
-    encoder = with_image_size(encoder, args.image_size)
-    sets = {"train": load_dataset(args.dataset, args.data, split)}
-    if val_split:
-        sets["val"] = load_dataset(args.dataset, args.data, val_split)
-    embeddings = {
-        k: embed_dataset(d, encoder, cache_dir=args.cache_dir, progress=not args.quiet)
-        for k, d in sets.items()
-    }
-    labels = {k: torch.from_numpy(d.labels) for k, d in sets.items()}
-    info = {"kind": args.dataset, "root": os.path.abspath(args.data), "split": split, "val": val_split}
-    return encoder, embeddings, labels, info
+#END

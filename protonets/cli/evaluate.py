@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protonets.encoders import create_encoder
+from protonets.encoders import create_encoder, resolve_device
 
-from .common import add_encoder_options, non_negative_int, positive_int, resolve_device
+from .common import add_encoder_options, non_negative_int, positive_int
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from protonets.eval.protocol import METHODS
+def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
+    from protonets.heads import HEADS as METHODS  # the registry's names: nothing heavy is imported
 
     p = sub.add_parser(
         "eval",
-        help="episodic benchmark: mean accuracy ± 95%% CI per method, ways and shots",
+        help=summary,
         description="Embed a dataset once (cached on disk), then evaluate methods on seeded "
         "N-way K-shot episodes; prints a Markdown table.",
     )
@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--head-checkpoint",
         default=None,
-        help="trained Siamese checkpoint folder for --method siamese (else $PROTONETS_SIAMESE_HEAD)",
+        help="trained head folder for a method that needs one: --method siamese takes a Siamese "
+        "checkpoint folder (else $PROTONETS_SIAMESE_HEAD)",
     )
     p.add_argument(
         "--maml-steps",
@@ -61,9 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from protonets.episodes import usable_classes
     from protonets.eval.datasets import load_dataset
-    from protonets.eval.episodes import usable_classes
-    from protonets.eval.maml_methods import MetaEpisodes, is_meta_checkpoint
+    from protonets.eval.meta import MetaEpisodes, is_meta_checkpoint
     from protonets.eval.report import markdown_table, plot_accuracy, write_results
     from protonets.eval.run import embed_dataset, run_evaluation
 
@@ -72,14 +73,17 @@ def run(args: argparse.Namespace) -> int:
         for shots in args.shots:
             usable_classes(dataset.labels, ways, shots + args.queries, warn=False)
     device = resolve_device(args.device)
-    maml_options = {} if args.maml_steps is None else {"steps": args.maml_steps}
+    # every method's head keeps the options its constructor takes (None: the head's default)
+    options = {"k": args.knn_k, "steps": args.maml_steps, "head_checkpoint": args.head_checkpoint}
+    method_options = {method: dict(options) for method in args.method}
     encoder = None
-    if "maml" in args.method and is_meta_checkpoint(args.checkpoint):
+    if is_meta_checkpoint(args.checkpoint) and any(map(MetaEpisodes.replaces, args.method)):
         # a meta-trained learner adapts on each episode's images, as it was trained to
         meta = MetaEpisodes.load(args.checkpoint, dataset.items, device, steps=args.maml_steps)
         for ways in args.ways:
             meta.check_ways(ways)
-        maml_options = {"meta": meta}
+        for method in filter(MetaEpisodes.replaces, args.method):
+            method_options[method]["meta"] = meta
         encoder = meta.encoder  # the checkpoint folder names the model
     if encoder is None:
         encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device)
@@ -103,11 +107,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         class_names=dataset.class_names,
         progress=not args.quiet,
-        method_options={
-            "knn": {"k": args.knn_k},
-            "siamese": {"head": args.head_checkpoint},
-            "maml": maml_options,
-        },
+        method_options=method_options,
     )
     document = {
         "results": results,

@@ -10,56 +10,28 @@ from typing import Any
 
 import torch
 
-from protonets.encoders import DEFAULT_ENCODER, create_encoder
+from protonets.encoders import DEFAULT_ENCODER, create_encoder, resolve_device, with_image_size
 from protonets.encoders.errors import UserInputError
 
-from .common import positive_int, resolve_device, with_image_size
+from . import train_maml, train_siamese
+from .common import positive_int
+from .train_setup import DEFAULTS, check_output, given_options, load_images, splits
 
 log = logging.getLogger("protonets")
 
-#: Per-dataset defaults: the paper's Omniglot setting; a small-data setting elsewhere.
-DEFAULTS = {
-    "omniglot": {"ways": 60, "shots": 5, "queries": 5, "split": "train", "val_split": "val"},
-    "folder": {"ways": 5, "shots": 5, "queries": 15, "split": None, "val_split": None},
-    "csv": {"ways": 5, "shots": 5, "queries": 15, "split": None, "val_split": None},
-}
-#: Options that set the TrainConfig; None on the command line means "not given".
-CONFIG_OPTIONS = {
-    "ways": "ways",
-    "shots": "shots",
-    "queries": "queries",
-    "episodes": "episodes",
-    "lr": "lr",
-    "lr_step": "lr_step",
-    "lr_gamma": "lr_gamma",
-    "weight_decay": "weight_decay",
-    "augment": "augment",
-    "metric": "metric",
-    "val_ways": "val_ways",
-    "val_shots": "val_shots",
-    "val_queries": "val_queries",
-    "val_episodes": "val_episodes",
-    "val_every": "val_every",
-    "seed": "seed",
-}
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from protonets.maml.cli import METHODS as MAML_METHODS
-    from protonets.maml.cli import add_train_options as add_maml_options
-    from protonets.siamese.cli import add_train_options as add_siamese_options
+def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     from protonets.training import AUGMENTATIONS
 
     p = sub.add_parser(
         "train",
-        help="train a few-shot model: ProtoNet (default), Siamese, MAML/FOMAML/ANIL",
+        help=summary,
         description="Episodic training of ProtoNet (Snell et al. 2017), a Siamese head or the MAML "
         "family: N-way K-shot episodes, Adam with a step learning-rate schedule, validation "
         "episodes, best-checkpoint selection and resume. Writes DIR/manifest.json + weights (load "
         "with --checkpoint DIR), DIR/train_log.jsonl and DIR/resume/. With --freeze-encoder (siamese, "
         "anil) only the head trains, on cached embeddings, in minutes: no DIR/resume/.",
     )
-    p.add_argument("--method", choices=["protonet", "siamese", *MAML_METHODS], default="protonet")
+    p.add_argument("--method", choices=["protonet", "siamese", *train_maml.METHODS], default="protonet")
     p.add_argument("--dataset", choices=["folder", "omniglot", "csv"], default="folder")
     p.add_argument("--data", required=True, help="dataset root folder (images)")
     p.add_argument(
@@ -115,61 +87,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bars or warnings")
-    add_siamese_options(p)  # --method siamese (protonets/siamese/cli.py)
-    add_maml_options(p)  # --method maml|fomaml|anil (protonets/maml/cli.py)
+    train_siamese.add_train_options(p)  # --method siamese
+    train_maml.add_train_options(p)  # --method maml|fomaml|anil
     p.set_defaults(run=run)
 
 
-def _splits(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(training split, validation split or None) from the options and the dataset's defaults."""
-    defaults = DEFAULTS[args.dataset]
-    split = args.split or defaults["split"]
-    val_split = args.val_split or defaults["val_split"]
-    if val_split is not None and val_split.lower() == "none":
-        val_split = None
-    return split, val_split
-
-
-def _given(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        field: getattr(args, opt) for opt, field in CONFIG_OPTIONS.items() if getattr(args, opt) is not None
-    }
-
-
-def _load_images(args: argparse.Namespace, split: str | None, preprocessing: dict[str, Any], what: str):
-    from protonets.eval.datasets import load_dataset
-    from protonets.training import ImageSet, preload_images
-
-    dataset = load_dataset(args.dataset, args.data, split)
-    images = preload_images(dataset.items, preprocessing, progress=not args.quiet, desc=f"loading {what}")
-    info = {"name": dataset.name, "split": split, "classes": dataset.num_classes, "images": len(dataset)}
-    return ImageSet(images, dataset.labels, dataset.class_names, info)
-
-
-def _check_output(args: argparse.Namespace) -> None:
-    from protonets.training.checkpoint import LOG_FILE, STATE_DIR
-
-    held = [n for n in ("manifest.json", LOG_FILE, STATE_DIR) if os.path.exists(os.path.join(args.output, n))]
-    if held and not (args.resume or args.overwrite):
-        resume = "" if args.freeze_encoder else "pass --resume to continue it, "
-        raise UserInputError(
-            f"--output '{args.output}' already holds a training run ({', '.join(held)}); {resume}"
-            "pass --overwrite to start afresh, or choose another folder"
-        )
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UserInputError(f"--output '{args.output}' exists and is not a folder")
-
-
 def run(args: argparse.Namespace) -> int:
-    from protonets.maml.cli import METHODS as MAML_METHODS
-    from protonets.maml.cli import make_trainer as make_maml_trainer
     from protonets.training import EpisodicTrainer, TrainConfig
     from protonets.training.checkpoint import load_state
 
-    if args.method == "siamese":  # the Siamese head's own branch (protonets/siamese/cli.py)
-        from protonets.siamese.cli import run_train
-
-        return run_train(args)
+    if args.method == "siamese":  # the Siamese head's own branch (cli/train_siamese.py)
+        return train_siamese.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.freeze_encoder and args.method != "anil":
@@ -177,13 +105,13 @@ def run(args: argparse.Namespace) -> int:
             f"--freeze-encoder trains a head alone: use it with --method siamese or anil, not {args.method}"
         )
     device = resolve_device(args.device)
-    _check_output(args)
+    check_output(args)
     defaults = DEFAULTS[args.dataset]
-    split, val_split = _splits(args)
+    split, val_split = splits(args)
     if args.dataset == "csv" and split is None:
         raise UserInputError("--dataset csv needs --split FILE.csv (the training classes' CSV)")
 
-    given = _given(args)
+    given = given_options(args)
     saved: dict[str, Any] | None = None
     if args.resume and args.freeze_encoder:
         raise UserInputError(
@@ -208,15 +136,13 @@ def run(args: argparse.Namespace) -> int:
         name, preprocessing, model_kwargs = saved["model"], saved["preprocessing"], saved["model_kwargs"]
     else:
         values = {k: defaults[k] for k in ("ways", "shots", "queries")}
-        if args.method in MAML_METHODS:  # the MAML head has --ways outputs: 5-way by default
+        if args.method in train_maml.METHODS:  # the MAML head has --ways outputs: 5-way by default
             values["ways"] = given.get("ways", 5)
             values["val_ways"] = given.get("val_ways", values["ways"])
         config = TrainConfig(**{**values, **given})
         name, preprocessing, model_kwargs = args.encoder or "conv4", None, {}
-    if args.freeze_encoder:  # the ANIL head alone on cached embeddings (protonets/maml/cli.py)
-        from protonets.maml.cli import run_frozen
-
-        return run_frozen(args, config, split, val_split, device)
+    if args.freeze_encoder:  # the ANIL head alone on cached embeddings (cli/train_maml.py)
+        return train_maml.run_frozen(args, config, split, val_split, device)
 
     torch.manual_seed(config.seed)
     encoder = create_encoder(
@@ -227,16 +153,16 @@ def run(args: argparse.Namespace) -> int:
         **model_kwargs,
     )
     encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
-    train = _load_images(args, split, encoder.preprocessing, "training images")
-    val = _load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
+    train = load_images(args, split, encoder.preprocessing, "training images")
+    val = load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
     if val is None:
         log.warning("no validation split: the last state is saved as the checkpoint")
     meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
     if val is not None:
         meta["dataset"]["val"] = val.info
     kwargs = {"progress": not args.quiet, "model_kwargs": model_kwargs, "meta": meta}
-    if args.method in MAML_METHODS:
-        trainer = make_maml_trainer(args, encoder, train, val, config, saved, **kwargs)
+    if args.method in train_maml.METHODS:
+        trainer = train_maml.make_trainer(args, encoder, train, val, config, saved, **kwargs)
     else:
         trainer = EpisodicTrainer(encoder, train, val, config, output=args.output, **kwargs)
     if args.resume:

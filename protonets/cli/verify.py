@@ -10,18 +10,17 @@ from pathlib import Path
 
 import torch
 
+from protonets.encoders import resolve_device
 from protonets.encoders.errors import UserInputError
-
-from .common import resolve_device
 
 #: The Siamese checkpoint committed with the repository (Omniglot characters).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "siamese-conv4-omniglot"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p = sub.add_parser(
         "verify",
-        help="same class or not? the Siamese head's similarity of two images",
+        help=summary,
         description="Embed two images, score the pair with a trained Siamese head and decide "
         "'same' or 'different' at the threshold calibrated for the checkpoint's false-accept rate.",
     )

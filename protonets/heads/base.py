@@ -1,34 +1,16 @@
-"""The head contract and registry: a new head is one file plus one `@register_head` line."""
+"""The head contract: what a head computes and what it declares it needs from its callers.
+
+The registry (names -> heads) is `protonets.heads.registry`, re-exported by `protonets.heads`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import os
 from typing import Any
 
 import torch
 from torch import nn
-
-from protonets.encoders.errors import UserInputError
-
-HEADS: dict[str, type[Head]] = {}
-
-
-def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
-    """Class decorator that makes a head buildable by `create_head(name)`."""
-
-    def decorate(cls: type[Head]) -> type[Head]:
-        HEADS[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return decorate
-
-
-def create_head(name: str, **kwargs: Any) -> Head:
-    """Build a registered head by name, e.g. `create_head("prototype", metric="cosine")`."""
-    if name not in HEADS:
-        raise UserInputError(f"unknown head '{name}'; choose one of {', '.join(sorted(HEADS))}")
-    return HEADS[name](**kwargs)
 
 
 def check_support(support: torch.Tensor, labels: torch.Tensor) -> None:
@@ -51,6 +33,31 @@ class Head(nn.Module):
     """
 
     registry_name = "head"
+    needs_checkpoint = False  # a trained head: built by `from_checkpoint(DIR)`, not from options
+    checkpoint_hint = ""  # for errors: what such a folder is and how to make one
+    checkpoint_env: str | None = None  # `evaluate` falls back to this environment variable for DIR
+    needs_grad = False  # fine-tunes at test time: the protocol runs under no_grad, not inference_mode
+    transductive = False  # uses the whole query batch (the protocol passes it in any case)
+    memory_budget = 256 << 20  # working memory of one chunk of episodes in the protocol (bytes)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Head:
+        """Build from generic options: keeps the keyword arguments the constructor accepts
+        (None means the constructor's default)."""
+        params = inspect.signature(cls).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            options = {k: v for k, v in options.items() if k in params}
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike[str], **options: Any) -> Head:
+        """A trained head from a checkpoint folder (heads with `needs_checkpoint`)."""
+        raise NotImplementedError(f"{cls.__name__} is not loaded from a checkpoint folder")
+
+    def episode_bytes(self, ways: int, shots: int, queries: int, dim: int) -> int:
+        """Working memory of one episode in `episode_logits` (the protocol sizes chunks by it);
+        default: a metric head's embeddings and distances."""
+        return ways * (shots + queries) * (dim * 4 + ways * 8)
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> Head:
         """Take the support set: embeddings `[S, D]`, labels `[S]` in 0..C-1. Returns self."""

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Head, check_support, register_head
+from .base import Head, check_support
 
 METRICS = ("euclidean", "cosine")
 FEATURE_TRANSFORMS = (None, "cl2n", "l2n")
@@ -45,7 +45,6 @@ def prototype_logits(
     raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
 
 
-@register_head("prototype")
 class PrototypeHead(Head):
     """Nearest-prototype classifier.
 

@@ -12,18 +12,17 @@ that `protonets eval --method maml --checkpoint DIR` scores on the same cached e
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from protonets.encoders.errors import UserInputError
-from protonets.encoders.progress import progress_bar
 
+from ..episodes import EpisodeSampler, gather_episodes
 from ..stats import mean_ci95
-from ..training import TrainConfig
-from ..training.episodes import EpisodeSampler
+from ..training import TrainConfig, TrainLoop
 from ..training.trainer import validation_episodes
 from .learner import MetaLearner, TaskBatch
 from .train import query_scores, require_head_width
@@ -36,15 +35,61 @@ def head_features(embeddings: torch.Tensor) -> torch.Tensor:
 
 def episode_tasks(features: torch.Tensor, index: torch.Tensor, shots: int) -> TaskBatch:
     """Episodes `[T, N, K+Q]` of row indices into `features [M, D]` -> a TaskBatch (labels 0..N-1)."""
-    t, n, m = index.shape
-    x = features[index.flatten()].view(t, n, m, -1)
-    ways = torch.arange(n)
-    return TaskBatch(
-        x[:, :, :shots].reshape(t, n * shots, -1),
-        ways.repeat_interleave(shots).expand(t, -1),
-        x[:, :, shots:].reshape(t, n * (m - shots), -1),
-        ways.repeat_interleave(m - shots).expand(t, -1),
-    )
+    return TaskBatch(*gather_episodes(features, index, shots))
+
+
+class FrozenAnil:
+    """A head-only `MetaLearner` meta-trained on embedding episodes (a `TrainLoop` method)."""
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        features: torch.Tensor,
+        sampler: EpisodeSampler,
+        rng: np.random.Generator,
+        config: TrainConfig,
+        meta_batch: int,
+        val_tasks: TaskBatch | None,
+        eval_steps: int | None,
+    ) -> None:
+        self.learner, self.features, self.sampler, self.rng = learner, features, sampler, rng
+        self.shots, self.meta_batch, self.val_tasks, self.eval_steps = (
+            config.shots,
+            meta_batch,
+            val_tasks,
+            eval_steps,
+        )
+        self.optimizer = torch.optim.Adam(
+            learner.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tasks = episode_tasks(self.features, self.sampler.sample(self.rng, self.meta_batch), self.shots)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.learner.meta_backward(tasks)
+        self.optimizer.step()
+        return torch.tensor(loss), (logits.argmax(-1) == tasks.query_y).float().mean()
+
+    def validate(self) -> dict[str, float]:
+        assert self.val_tasks is not None
+        val_loss, val_acc = query_scores(self.learner, self.val_tasks, self.eval_steps)
+        acc, ci = mean_ci95(val_acc)
+        return {"val_loss": float(val_loss.mean()), "val_acc": acc, "val_ci95": ci}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.learner.state_dict()
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.learner.load_state_dict(tensors)
+
+    def train(self, mode: bool = True) -> None:
+        self.learner.train(mode)
+
+    def save_best(self, output: str, best: dict[str, Any]) -> None:
+        raise NotImplementedError("train_frozen_anil keeps its best head in memory")
+
+    def read_best(self, output: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("train_frozen_anil keeps its best head in memory")
 
 
 def train_frozen_anil(
@@ -68,53 +113,28 @@ def train_frozen_anil(
             "train_frozen_anil meta-trains a head alone: build the MetaLearner without a body"
         )
     features, labels = head_features(embeddings), torch.as_tensor(labels, dtype=torch.int64)
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    sampler = EpisodeSampler(labels, config.ways, config.shots, config.queries, generator)
+    sampler = EpisodeSampler(labels, config.ways, config.shots, config.queries, split="training")
     val_tasks = None
     if val_embeddings is not None and val_labels is not None:
         require_head_width(config)
         val_tasks = episode_tasks(
             head_features(val_embeddings), validation_episodes(val_labels, config), config.val_shots
         )
-    optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float, dict[str, torch.Tensor]] | None = None
-    running = {"loss": 0.0, "acc": 0.0, "count": 0}
-    start = time.perf_counter()
-    for step in progress_bar(range(1, config.episodes + 1), progress, desc="anil head", unit="step"):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step - 1)
-        index = torch.stack([sampler.sample() for _ in range(meta_batch)])
-        tasks = episode_tasks(features, index, config.shots)
-        optimizer.zero_grad(set_to_none=True)
-        loss, logits = learner.meta_backward(tasks)
-        optimizer.step()
-        running["loss"] += loss
-        running["acc"] += float((logits.argmax(-1) == tasks.query_y).float().mean())
-        running["count"] += 1
-        if step % config.val_every and step != config.episodes:
-            continue
-        count = running["count"]
-        record: dict[str, Any] = {
-            "step": step,
-            "lr": config.lr_at(step - 1),
-            "train_loss": running["loss"] / count,
-            "train_acc": running["acc"] / count,
-        }
-        running = {"loss": 0.0, "acc": 0.0, "count": 0}
-        if val_tasks is not None:
-            val_loss, val_acc = query_scores(learner, val_tasks, eval_steps)
-            acc, ci = mean_ci95(val_acc)
-            record.update(val_loss=float(val_loss.mean()), val_acc=acc, val_ci95=ci)
-            key = (acc, -record["val_loss"])
-            record["best"] = best is None or key > (best[0], best[1])
-            if record["best"]:
-                best = (*key, {k: v.detach().clone() for k, v in learner.state_dict().items()})
-        record["elapsed_s"] = round(time.perf_counter() - start, 3)
-        history.append(record)
-    if best is not None:
-        learner.load_state_dict(best[2])
+    rng = np.random.default_rng(config.seed)
+    method = FrozenAnil(learner, features, sampler, rng, config, meta_batch, val_tasks, eval_steps)
+    loop = TrainLoop(
+        method,
+        seed=config.seed,
+        val_every=config.val_every,
+        validates=val_tasks is not None,
+        rng=rng,
+        generator=torch.Generator().manual_seed(config.seed),
+        lr_at=config.lr_at,
+        progress=progress,
+        desc="anil head",
+        unit="step",
+    )
+    history = loop.run(config.episodes).history
     if not all(math.isfinite(r["train_loss"]) for r in history):
         raise UserInputError(
             "the meta-training loss became NaN or infinite; lower --lr or --inner-lr and start again"

@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from ..heads.base import Head, check_support, register_head
+from ..heads.base import Head, check_support
 from ..heads.prototype import FEATURE_TRANSFORMS, METRICS, transform_features
 from .functional import Params, linear, proto_init, sgd_inner_loop
 
 
-@register_head("maml")
 class MAMLHead(Head):
     """Proto-MAML: prototype-initialised linear head fine-tuned on the support set.
 
@@ -27,6 +26,9 @@ class MAMLHead(Head):
     feature_transform: None, 'l2n' or 'cl2n', as for the prototype head.
     steps, lr: SGD steps on the support cross-entropy and their step size.
     """
+
+    needs_grad = True  # fine-tunes on each support set at test time
+    memory_budget = 128 << 20  # inputs and their gradients
 
     def __init__(
         self,
@@ -64,6 +66,9 @@ class MAMLHead(Head):
             "steps": self.steps,
             "lr": self.lr,
         }
+
+    def episode_bytes(self, ways: int, shots: int, queries: int, dim: int) -> int:
+        return ways * (shots + queries) * dim * 16
 
     def _inputs(self, x: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         x = transform_features(x, self.feature_transform, center)

@@ -1,6 +1,6 @@
 """Meta-training with the MAML family on the episodic trainer: `protonets train --method maml|fomaml|anil`.
 
-`MetaTrainer` is `protonets.training.EpisodicTrainer` with a different step: one step is a
+`MetaTrainer` is `protonets.training.EpisodicTrainer` with `MetaMethod`: one step is a
 meta-batch of `meta_batch` episodes, each adapted on its support set by `inner_steps` SGD steps
 (`MetaLearner`), the meta-gradient of the query losses taken by Adam. Validation adapts on each
 fixed validation episode's support set (`eval_inner_steps`) and scores its queries. Everything
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,9 +29,10 @@ from protonets.encoders import Encoder, create_encoder, weights_sha256
 from protonets.encoders.atomic import load_bundle, save_bundle
 from protonets.encoders.errors import UserInputError
 
+from ..episodes import split_episodes
 from ..stats import mean_ci95
-from ..training import EpisodicTrainer, ImageSet, TrainConfig, TrainResult, augment, preload_images, to_input
-from ..training import checkpoint as ckpt
+from ..training import ImageSet, TrainConfig, augment, preload_images, to_input
+from ..training.trainer import DictConfig, EpisodicTrainer, ImageEpisodes, prefixed
 from .learner import MetaLearner, TaskBatch
 
 METHODS = ("maml", "fomaml", "anil")
@@ -41,7 +42,7 @@ LEARNER_DIR = "maml"
 
 
 @dataclass
-class MetaConfig:
+class MetaConfig(DictConfig):
     """MAML settings. Defaults: Finn et al.'s 5-way Omniglot (1 step of 0.4; 3 at test time)."""
 
     method: str = "maml"
@@ -71,14 +72,6 @@ class MetaConfig:
                 "a frozen encoder leaves only the head to meta-learn: use --method anil with --freeze-encoder"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MetaConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
 
 def create_meta_learner(body: nn.Module | None, dim: int, ways: int, config: MetaConfig) -> MetaLearner:
     """`MetaLearner` for `config.method`: body (the encoder's model) + a linear `dim -> ways` head.
@@ -99,19 +92,6 @@ def create_meta_learner(body: nn.Module | None, dim: int, ways: int, config: Met
         proto_init="euclidean" if config.proto_init else None,
         batchnorm=config.batchnorm,
         chunk_size=config.chunk_size,
-    )
-
-
-def episode_batch(images: torch.Tensor, ways: int, shots: int) -> TaskBatch:
-    """Images `[T, N, K+Q, C, H, W]` (row n = class n) -> TaskBatch with labels 0..N-1."""
-    t, n, m = images.shape[:3]
-    rest = images.shape[3:]
-    ways_t = torch.arange(ways, device=images.device)
-    return TaskBatch(
-        images[:, :, :shots].reshape(t, n * shots, *rest),
-        ways_t.repeat_interleave(shots).expand(t, -1),
-        images[:, :, shots:].reshape(t, n * (m - shots), *rest),
-        ways_t.repeat_interleave(m - shots).expand(t, -1),
     )
 
 
@@ -138,8 +118,83 @@ def require_head_width(config: TrainConfig) -> None:
         )
 
 
+class MetaMethod:
+    """MAML / FOMAML / ANIL steps on a meta-batch of episodes (see the module docstring)."""
+
+    def __init__(self, data: ImageEpisodes, meta_config: MetaConfig) -> None:
+        cfg = data.config
+        self.data, self.model, self.meta_config = data, data.model, meta_config
+        self.learner = create_meta_learner(self.model, data.encoder.dim, cfg.ways, meta_config).to(
+            data.device
+        )
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _tasks(self, index: torch.Tensor, images: torch.Tensor | None, shots: int) -> TaskBatch:
+        batch = self.data.inputs(index, images)
+        if images is None:  # the training images: augmented
+            batch = augment(batch, self.data.config.augment, self.data.generator)
+        return TaskBatch(*split_episodes(batch.view(*index.shape, *batch.shape[1:]), shots, item_dims=3))
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One meta-batch of episodes, one Adam step on the meta-gradient; (loss, accuracy)."""
+        tasks = self._tasks(self.data.sample(self.meta_config.meta_batch), None, self.data.config.shots)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.learner.meta_backward(tasks)
+        self.optimizer.step()
+        acc = (logits.argmax(-1) == tasks.query_y).float().mean()
+        return torch.tensor(loss), acc
+
+    def validate(self, batch_size: int = 32) -> dict[str, float]:
+        """Adapt on each fixed validation episode's support set; mean query loss, accuracy, CI."""
+        data = self.data
+        assert data.val_set is not None and data.val_episodes is not None
+        losses, accs = [], []
+        for start in range(0, len(data.val_episodes), batch_size):
+            index = data.val_episodes[start : start + batch_size]
+            tasks = self._tasks(index, data.val_set.images, data.config.val_shots)
+            loss, accuracy = query_scores(self.learner, tasks, self.meta_config.eval_inner_steps)
+            losses.append(loss)
+            accs.append(accuracy)
+        acc, ci = mean_ci95(torch.cat(accs))
+        return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci}
+
+    # -- the head and learned step sizes travel with the encoder's weights ---------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        extra = {f"learner.{k}": v for k, v in self.learner.state_dict().items() if not k.startswith("body.")}
+        return {**self.data.model_weights(), **extra}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(prefixed(tensors, "model."))
+        self.learner.load_state_dict({**self.learner.state_dict(), **prefixed(tensors, "learner.")})
+
+    def train(self, mode: bool = True) -> None:
+        self.learner.train(mode)
+
+    def state_manifest(self) -> dict[str, Any]:
+        return {"maml": self.meta_config.to_dict()}
+
+    def check_state(self, manifest: dict[str, Any], source: str) -> None:
+        if manifest.get("maml") != self.meta_config.to_dict():
+            raise UserInputError(f"'{source}' was trained with other MAML settings: {manifest.get('maml')}")
+
+    def save_best(self, output: str, best: dict[str, Any]) -> None:
+        """The encoder checkpoint, marked as MAML, plus `DIR/maml/` (head, step sizes)."""
+        ways = self.data.config.ways
+        entries = {
+            "method": self.meta_config.method,
+            "head": {"name": "maml", "ways": ways, "learner": LEARNER_DIR},
+            "maml": self.meta_config.to_dict(),
+        }
+        self.data.save_checkpoint(output, best, entries)  # first: a bundle folder takes no strangers
+        save_learner_extra(output, self.learner, self.meta_config, ways)
+
+    def read_best(self, output: str) -> dict[str, torch.Tensor]:
+        extra = {f"learner.{k}": v for k, v in read_learner_extra(output)[1].items()}
+        return {**self.data.read_best_model(output), **extra}
+
+
 class MetaTrainer(EpisodicTrainer):
-    """The episodic trainer with MAML / FOMAML / ANIL steps (see the module docstring).
+    """The episodic trainer with `MetaMethod` (see the module docstring); `.learner` is its learner.
 
     The head has `config.ways` outputs, so validation episodes need `val_ways == ways`.
     """
@@ -158,109 +213,12 @@ class MetaTrainer(EpisodicTrainer):
     ) -> None:
         if val is not None:
             require_head_width(config)
-        super().__init__(encoder, train, val, config, output, progress, model_kwargs, meta)
+        super().__init__(
+            encoder, train, val, config, output, progress, model_kwargs, meta,
+            method=lambda data: MetaMethod(data, meta_config),
+        )  # fmt: skip
         self.meta_config = meta_config
-        self.learner = create_meta_learner(self.model, encoder.dim, config.ways, meta_config).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.learner.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
-
-    def _tasks(
-        self, index: torch.Tensor, images: torch.Tensor, ways: int, shots: int, aug: bool
-    ) -> TaskBatch:
-        batch = to_input(
-            images[index.flatten().to(images.device)].to(self.device), self.encoder.preprocessing
-        )
-        if aug:
-            batch = augment(batch, self.config.augment, self.generator)
-        return episode_batch(batch.view(*index.shape, *batch.shape[1:]), ways, shots)
-
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One meta-batch of episodes, one Adam step on the meta-gradient; (loss, accuracy)."""
-        cfg = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr_at(self.step)
-        index = torch.stack([self.sampler.sample() for _ in range(self.meta_config.meta_batch)])
-        tasks = self._tasks(index, self.train_images, cfg.ways, cfg.shots, aug=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, logits = self.learner.meta_backward(tasks)
-        self.optimizer.step()
-        self.step += 1
-        acc = (logits.argmax(-1) == tasks.query_y).float().mean()
-        return torch.tensor(loss), acc
-
-    def validate(self, batch_size: int = 32) -> dict[str, float]:
-        """Adapt on each fixed validation episode's support set; mean query loss, accuracy, CI."""
-        assert self.val_set is not None and self.val_episodes is not None
-        cfg = self.config
-        losses, accs = [], []
-        for start in range(0, len(self.val_episodes), batch_size):
-            index = self.val_episodes[start : start + batch_size]
-            tasks = self._tasks(index, self.val_set.images, cfg.val_ways, cfg.val_shots, aug=False)
-            loss, accuracy = query_scores(self.learner, tasks, self.meta_config.eval_inner_steps)
-            losses.append(loss)
-            accs.append(accuracy)
-        acc, ci = mean_ci95(torch.cat(accs))
-        return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci}
-
-    # -- the head and learned step sizes travel with the encoder's weights ---------------------
-    def _extra_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.learner.state_dict().items() if not k.startswith("body.")}
-
-    def _state_manifest(self) -> dict[str, Any]:
-        return {**super()._state_manifest(), "maml": self.meta_config.to_dict()}
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = super().state_tensors()
-        tensors.update({f"learner.{k}": v for k, v in self._extra_state().items()})
-        return tensors
-
-    def load_state(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> None:
-        if manifest.get("maml") != self.meta_config.to_dict():
-            raise UserInputError(f"'{source}' was trained with other MAML settings: {manifest.get('maml')}")
-        super().load_state(manifest, tensors, source)
-        extra = {k.removeprefix("learner."): v for k, v in tensors.items() if k.startswith("learner.")}
-        self.learner.load_state_dict(
-            {**extra, **{f"body.{k}": v for k, v in self.model.state_dict().items()}}
-        )
-
-    def _save_best(self) -> None:
-        """The episodic trainer's best checkpoint, marked as MAML, plus `DIR/maml/` (head, step sizes)."""
-        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self._best_extra = {k: v.detach().clone() for k, v in self._extra_state().items()}
-        if self.output is None:
-            return
-        save_learner_extra(self.output, self.learner, self.meta_config, self.config.ways)
-        extra = {
-            "method": self.meta_config.method,
-            "head": {"name": "maml", "ways": self.config.ways, "learner": LEARNER_DIR},
-            "maml": self.meta_config.to_dict(),
-            "training": self.config.to_dict(),
-            "step": self.step,
-            "validation": {k: v for k, v in self.best.items() if k != "step"},
-            **self.meta,
-        }
-        ckpt.save_checkpoint(
-            self.output, self.model, self.encoder.name, self.encoder.preprocessing, extra, self.model_kwargs
-        )
-
-    def _restore_best(self) -> None:
-        """Like the encoder's weights: the learner is left holding the best head and step sizes."""
-        best_step, step = self.best["step"], self.step
-        super()._restore_best()
-        extra = getattr(self, "_best_extra", None)
-        if extra is None and self.output is not None:
-            extra = read_learner_extra(self.output)[1]
-        if extra is not None and best_step != step:
-            self._last_extra = {k: v.detach().clone() for k, v in self._extra_state().items()}
-            self.learner.load_state_dict({**self.learner.state_dict(), **extra})
-
-    def fit(self) -> TrainResult:
-        """The episodic trainer's loop; a second `fit` goes on from the last head and weights."""
-        if getattr(self, "_last_extra", None) is not None:
-            self.learner.load_state_dict({**self.learner.state_dict(), **self._last_extra})
-            self._last_extra = None
-        return super().fit()
+        self.learner = self.method.learner
 
 
 def save_learner_extra(
@@ -335,17 +293,16 @@ def evaluate_episodes(
     """Per-episode query accuracy `[E]` of a meta-trained learner, adapting on each support set.
 
     items: the dataset's images (paths or ImageItems); indices: episodes `[E, N, K+Q]` into them
-    (e.g. `eval.episodes.sample_episodes(...).indices`); only the images they use are loaded.
+    (e.g. `protonets.episodes.sample_episodes(...).indices`); only the images they use are loaded.
     steps: inner steps at test time (default: the learner's).
     """
     rows, inverse = np.unique(indices, return_inverse=True)
     images = preload_images([items[i] for i in rows], encoder.preprocessing, progress, "loading episodes")
     x = to_input(images, encoder.preprocessing).to(encoder.device)
     index = torch.as_tensor(inverse.reshape(indices.shape))
-    ways = indices.shape[1]
     out = []
     for start in range(0, len(index), batch_size):
-        tasks = episode_batch(x[index[start : start + batch_size].to(x.device)], ways, shots)
+        tasks = TaskBatch(*split_episodes(x[index[start : start + batch_size].to(x.device)], shots, 3))
         logits = learner.predict(tasks.support_x, tasks.support_y, tasks.query_x, steps=steps)
         out.append((logits.argmax(-1) == tasks.query_y).double().mean(1).cpu())
     return torch.cat(out).numpy()

@@ -9,25 +9,20 @@ the same way with the encoder it was trained on (its weights are then a copy of 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from protonets.encoders import Encoder, create_encoder, fingerprint_id
-from protonets.encoders.atomic import load_bundle, save_bundle
+from protonets.encoders import Encoder, create_encoder
+from protonets.encoders.checkpoint import read_checkpoint_dir, save_checkpoint
 from protonets.encoders.errors import UserInputError
-from protonets.encoders.factory import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KIND, CHECKPOINT_WEIGHTS
+from protonets.heads import create_head
 
-from ..training.checkpoint import model_fingerprint
-from .head import SiameseHead
+if TYPE_CHECKING:
+    from .head import SiameseHead
 
 HEAD_FILE = "head.safetensors"
-
-
-def _writer(tensors: dict[str, torch.Tensor]):  # noqa: ANN202
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return lambda tmp: save_file(cpu, tmp)
 
 
 def save_siamese_checkpoint(
@@ -39,43 +34,45 @@ def save_siamese_checkpoint(
     model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Write encoder weights + head as one checkpoint folder (atomically); returns the manifest."""
-    model = model if model is not None else encoder.model
-    fingerprint = model_fingerprint(model, encoder.name, encoder.preprocessing)
     extra = dict(extra or {})
-    calibration = extra.pop("calibration", None)
-    head_state = {k: v for k, v in head.state_dict().items() if k not in ("support", "labels")}
-    manifest = {
-        "kind": CHECKPOINT_KIND,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": encoder.name,
-        "model_kwargs": model_kwargs or {},
-        "preprocessing": encoder.preprocessing,
-        "fingerprint": fingerprint,
-        "fingerprint_id": fingerprint_id(fingerprint),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "head": {
-            "name": "siamese",
-            "hyperparameters": head.hyperparameters(),
-            "threshold": float(head.threshold),
-            "calibration": calibration,
-        },
-        **extra,
+    entry = head_entry(head, extra.pop("calibration", None))
+    return save_checkpoint(
+        directory,
+        model if model is not None else encoder.model,
+        encoder.name,
+        encoder.preprocessing,
+        {"head": entry, **extra},
+        model_kwargs,
+        files={HEAD_FILE: head_tensors(head)},
+    )
+
+
+def head_entry(head: SiameseHead, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's `head` entry of a Siamese checkpoint."""
+    return {
+        "name": "siamese",
+        "hyperparameters": head.hyperparameters(),
+        "threshold": float(head.threshold),
+        "calibration": calibration,
     }
-    files = {CHECKPOINT_WEIGHTS: _writer(model.state_dict()), HEAD_FILE: _writer(head_state)}
-    save_bundle(directory, manifest, files)
-    return manifest
+
+
+def head_tensors(head: SiameseHead) -> dict[str, torch.Tensor]:
+    """The head's saved tensors (its learned weights and threshold, not a fitted support set)."""
+    return {k: v for k, v in head.state_dict().items() if k not in ("support", "labels")}
 
 
 def _head_bundle(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
-    directory = os.fspath(directory)
-    manifest, files = load_bundle(directory, CHECKPOINT_KIND, CHECKPOINT_FORMAT_VERSION)
+    manifest = read_checkpoint_dir(directory)
+    paths = manifest.pop("paths")
+    del manifest["weights_file"]
     head = manifest.get("head") or {}
-    if head.get("name") != "siamese" or HEAD_FILE not in files:
+    if head.get("name") != "siamese" or HEAD_FILE not in paths:
         raise UserInputError(
-            f"checkpoint '{directory}' holds no Siamese head (its head is "
+            f"checkpoint '{os.fspath(directory)}' holds no Siamese head (its head is "
             f"'{head.get('name', 'none')}'); pass a folder written by `protonets train --method siamese`"
         )
-    return manifest, files[HEAD_FILE]
+    return manifest, paths[HEAD_FILE]
 
 
 def load_head_state(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -86,7 +83,7 @@ def load_head_state(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor
 def load_siamese_head(directory: str | os.PathLike[str]) -> tuple[SiameseHead, dict[str, Any]]:
     """(head, manifest) of a Siamese checkpoint folder; the head carries its calibrated threshold."""
     manifest, path = _head_bundle(directory)
-    head = SiameseHead(**manifest["head"]["hyperparameters"])
+    head = create_head("siamese", **manifest["head"]["hyperparameters"])
     state = load_file(path)
     missing = [k for k in head.state_dict() if k not in state and k not in ("support", "labels")]
     if missing:

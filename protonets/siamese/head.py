@@ -10,6 +10,7 @@ a target false-accept rate from held-out pairs.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..heads.base import Head, check_support, register_head
+from protonets.encoders.errors import UserInputError
+
+from ..heads.base import Head, check_support
 
 REDUCTIONS = ("max", "mean")
 
@@ -31,7 +34,6 @@ def pair_features(a: torch.Tensor, b: torch.Tensor, product: bool = True) -> tor
     return torch.cat([diff, a * b], dim=-1)
 
 
-@register_head("siamese")
 class SiameseHead(Head):
     """Learned pair similarity; one-shot classification by the best-matching support.
 
@@ -41,6 +43,11 @@ class SiameseHead(Head):
     reduce: class score = 'max' or 'mean' of the pair logits over that class's supports.
     normalize: L2-normalise embeddings first (useful for pretrained encoders' features).
     """
+
+    needs_checkpoint = True  # a trained pair scorer
+    checkpoint_hint = "a Siamese checkpoint folder (`protonets train --method siamese --output DIR`)"
+    checkpoint_env = "PROTONETS_SIAMESE_HEAD"
+    memory_budget = 64 << 20
 
     def __init__(
         self,
@@ -67,6 +74,23 @@ class SiameseHead(Head):
         self.register_buffer("labels", torch.empty(0, dtype=torch.int64))
         self.register_buffer("threshold", torch.tensor(0.0))  # logit; 0 = probability 0.5
 
+    @classmethod
+    def from_checkpoint(
+        cls, directory: str | os.PathLike[str], reduce: str | None = None, **_: Any
+    ) -> SiameseHead:
+        """The trained head of a Siamese checkpoint folder (`reduce` overrides its reduction)."""
+        from .checkpoint import load_siamese_head
+
+        head = load_siamese_head(directory)[0]
+        if reduce is not None:
+            head.reduce = reduce
+        return head
+
+    def episode_bytes(self, ways: int, shots: int, queries: int, dim: int) -> int:
+        """The pair features of every (query, support)."""
+        width = (self.dim or dim) * (2 if self.product else 1)
+        return ways * ways * shots * queries * width * 4
+
     # -- the pair scorer ---------------------------------------------------------------------
     def build(self, dim: int) -> None:
         """Create the MLP for `dim`-wide embeddings (seeded: fresh heads start identical)."""
@@ -83,7 +107,10 @@ class SiameseHead(Head):
         if self.mlp is None:
             self.build(x.shape[-1])
         if x.shape[-1] != self.dim:
-            raise ValueError(f"embeddings have {x.shape[-1]} dims, but this head takes {self.dim}")
+            raise UserInputError(
+                f"the Siamese head takes {self.dim}-d embeddings but got {x.shape[-1]}-d; "
+                "use the head trained on this encoder's embeddings"
+            )
         param = next(self.mlp.parameters())
         x = x.to(param.dtype)
         return F.normalize(x, dim=-1) if self.normalize else x

@@ -1,32 +1,32 @@
 """Training the Siamese head: with its encoder on images, or alone on frozen (cached) embeddings.
 
 `SiameseTrainer` is the episodic trainer (`protonets.training.EpisodicTrainer`: validation, best
-checkpoint, resume, seeds, progress, JSON-lines log) with another step: each step embeds a batch
+checkpoint, resume, seeds, progress, JSON-lines log) with `SiameseMethod`: each step embeds a batch
 of P classes × K images once and trains on the balanced pairs within it (BCE, optionally the
 contrastive loss and hard negatives), plus `proto_weight` × the ProtoNet loss on the same batch.
 Validation scores N-way K-shot episodes with the Siamese head. `train_head` fits the head alone
-on an embedding set (seconds, from the embedding cache).
+on an embedding set (seconds, from the embedding cache) with `HeadOnPairs` in the same loop.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from protonets.encoders import Encoder
 from protonets.encoders.errors import UserInputError
-from protonets.encoders.progress import progress_bar
 
+from ..episodes import EpisodeSampler, split_episodes
 from ..heads import create_head
-from ..training import EpisodicTrainer, TrainConfig, augment, to_input
+from ..training import TrainLoop, augment
 from ..training.data import AUGMENTATIONS, ImageSet
-from ..training.episodes import EpisodeSampler
-from .checkpoint import load_head_state, save_siamese_checkpoint
+from ..training.trainer import EpisodicTrainer, ImageEpisodes, TrainConfig, prefixed, validate_head
+from .checkpoint import HEAD_FILE, head_entry, head_tensors, load_head_state
 from .head import SiameseHead
 from .pairs import LOSSES, affine_augment, pair_loss, sample_pairs
 
@@ -65,8 +65,74 @@ class SiameseConfig(TrainConfig):
             raise UserInputError("a pair batch needs at least 2 images per class (shots + queries)")
 
 
+class SiameseMethod:
+    """The Siamese head and the encoder on pairs within a P×K batch, plus the ProtoNet loss."""
+
+    def __init__(self, data: ImageEpisodes) -> None:
+        cfg: SiameseConfig = data.config  # type: ignore[assignment]
+        self.data, self.model = data, data.model
+        with torch.no_grad():
+            probe = data.encoder.features(data.inputs(torch.arange(2)))
+        self.proto = create_head("prototype", metric="euclidean")
+        self.head = SiameseHead(probe.shape[-1], cfg.hidden, cfg.product, cfg.reduce).to(data.device)
+        params = [*self.model.parameters(), *self.head.parameters()]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg: SiameseConfig = self.data.config  # type: ignore[assignment]
+        generator, device = self.data.generator, self.data.device
+        batch = self.data.inputs(self.data.sample())  # P classes × K images
+        if cfg.augment == "affine":
+            batch = affine_augment(batch, generator)
+        else:
+            batch = augment(batch, cfg.augment, generator)
+        emb = self.data.encoder.features(batch)
+        labels = torch.arange(cfg.ways, device=device).repeat_interleave(cfg.shots + cfg.queries)
+        with torch.no_grad():  # all pairs' scores for mining; gradients only through the chosen
+            scores = self.head.pair_logits(emb.unsqueeze(1), emb.unsqueeze(0)) if cfg.hard_fraction else None
+        i, j, same = sample_pairs(labels.cpu(), scores, generator, cfg.hard_fraction)
+        i, j, same = i.to(device), j.to(device), same.to(device)
+        pair_logits = self.head.pair_logits(emb[i], emb[j])
+        distances = (emb[i] - emb[j]).norm(dim=-1) if cfg.loss == "contrastive" else None
+        loss = pair_loss(pair_logits, same, cfg.loss, distances, cfg.margin)
+        if cfg.proto_weight:
+            episode = emb.view(1, cfg.ways, cfg.shots + cfg.queries, -1)
+            support, s_labels, query, q_labels = split_episodes(episode, cfg.shots)
+            logits = self.proto.episode_logits(support, s_labels, query, cfg.ways)
+            loss = loss + cfg.proto_weight * F.cross_entropy(logits[0], q_labels[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            acc = ((pair_logits > 0) == same).float().mean()  # pair accuracy
+        return loss.detach(), acc
+
+    def validate(self) -> dict[str, float]:
+        return validate_head(self.data, self.head)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        head = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        return {**self.data.model_weights(), **head}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(prefixed(tensors, "model."))
+        self.head.load_state_dict(prefixed(tensors, "head."), strict=False)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+        self.head.train(mode)
+
+    def save_best(self, output: str, best: dict[str, Any]) -> None:
+        entries = {"method": "siamese", "head": head_entry(self.head)}
+        self.data.save_checkpoint(output, best, entries, {HEAD_FILE: head_tensors(self.head)})
+
+    def read_best(self, output: str) -> dict[str, torch.Tensor]:
+        head = {f"head.{k}": v for k, v in load_head_state(output).items()}
+        return {**self.data.read_best_model(output), **head}
+
+
 class SiameseTrainer(EpisodicTrainer):
-    """Train an encoder and a `SiameseHead` together on pairs (see the module docstring).
+    """The episodic trainer with `SiameseMethod` (see the module docstring).
 
     val_episodes: optional fixed validation episodes `[E, val_ways, val_shots + val_queries]`
         (e.g. within-alphabet Omniglot runs) in place of the randomly sampled ones.
@@ -84,93 +150,70 @@ class SiameseTrainer(EpisodicTrainer):
         meta: dict[str, Any] | None = None,
         val_episodes: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(encoder, train, val, config, output, progress, model_kwargs, meta)
-        if val_episodes is not None:
-            self.val_episodes = val_episodes
-        with torch.no_grad():
-            probe = self.encoder.features(to_input(train.images[:2].to(self.device), encoder.preprocessing))
-        self.proto = create_head("prototype", metric="euclidean")
-        self.head = SiameseHead(probe.shape[-1], config.hidden, config.product, config.reduce).to(self.device)
-        params = [*self.model.parameters(), *self.head.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.best_head: dict[str, torch.Tensor] | None = None
+        super().__init__(
+            encoder, train, val, config, output, progress, model_kwargs, meta,
+            method=SiameseMethod, val_episodes=val_episodes,
+        )  # fmt: skip
+
+
+class HeadOnPairs:
+    """`SiameseHead` alone on frozen embeddings: a P×K batch and its balanced pairs per step."""
+
+    def __init__(
+        self,
+        head: SiameseHead,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        sampler: EpisodeSampler,
+        rng: np.random.Generator,
+        generator: torch.Generator,
+        lr: float,
+        loss: str,
+        hard_fraction: float,
+        val_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        self.head, self.embeddings, self.labels = head, embeddings, labels
+        self.sampler, self.rng, self.generator = sampler, rng, generator
+        self.loss, self.hard_fraction, self.val_pairs = loss, hard_fraction, val_pairs
+        self.optimizer = torch.optim.Adam(head.parameters(), lr=lr)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg: SiameseConfig = self.config  # type: ignore[assignment]
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr_at(self.step)
-        index = self.sampler.sample()  # [P, K]
-        batch = to_input(self.train_images[index.flatten().to(self.device)], self.encoder.preprocessing)
-        if cfg.augment == "affine":
-            batch = affine_augment(batch, self.generator)
-        else:
-            batch = augment(batch, cfg.augment, self.generator)
-        emb = self.encoder.features(batch)
-        labels = torch.arange(cfg.ways, device=self.device).repeat_interleave(cfg.shots + cfg.queries)
-        with torch.no_grad():  # all pairs' scores for mining; gradients only through the chosen
-            scores = self.head.pair_logits(emb.unsqueeze(1), emb.unsqueeze(0)) if cfg.hard_fraction else None
-        i, j, same = sample_pairs(labels.cpu(), scores, self.generator, cfg.hard_fraction)
-        i, j, same = i.to(self.device), j.to(self.device), same.to(self.device)
-        pair_logits = self.head.pair_logits(emb[i], emb[j])
-        distances = (emb[i] - emb[j]).norm(dim=-1) if cfg.loss == "contrastive" else None
-        loss = pair_loss(pair_logits, same, cfg.loss, distances, cfg.margin)
-        if cfg.proto_weight:
-            view = emb.view(cfg.ways, cfg.shots + cfg.queries, -1)
-            support = view[:, : cfg.shots].reshape(1, -1, view.shape[-1])
-            query = view[:, cfg.shots :].reshape(1, -1, view.shape[-1])
-            ways = torch.arange(cfg.ways, device=self.device)
-            logits = self.proto.episode_logits(
-                support, ways.repeat_interleave(cfg.shots)[None], query, cfg.ways
-            )
-            loss = loss + cfg.proto_weight * F.cross_entropy(logits[0], ways.repeat_interleave(cfg.queries))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step += 1
+        rows = self.sampler.sample(self.rng, 1).flatten()
+        emb, y = self.embeddings[rows], self.labels[rows]
         with torch.no_grad():
-            acc = ((pair_logits > 0) == same).float().mean()  # pair accuracy
-        return loss.detach(), acc
+            scores = self.head.pair_logits(emb.unsqueeze(1), emb.unsqueeze(0)) if self.hard_fraction else None
+        i, j, same = sample_pairs(y, scores, self.generator, self.hard_fraction)
+        logits = self.head.pair_logits(emb[i], emb[j])
+        distances = (emb[i] - emb[j]).norm(dim=-1) if self.loss == "contrastive" else None
+        value = pair_loss(logits, same, self.loss, distances)
+        self.optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        self.optimizer.step()
+        return value.detach(), ((logits.detach() > 0) == same).float().mean()
 
-    # -- the head in states and checkpoints ------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = super().state_tensors()
-        tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        return tensors
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        from sklearn.metrics import roc_auc_score
 
-    def load_state(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> None:
-        super().load_state(manifest, tensors, source)
-        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-        self.best_head = None
+        assert self.val_pairs is not None
+        a, b, same, embeddings = self.val_pairs
+        scores = self.head.pair_logits(embeddings[a], embeddings[b])
+        return {"val_auc": float(roc_auc_score(same.numpy(), scores.numpy()))}
 
-    def _save_best(self) -> None:
-        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.best_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
-        if self.output is None:
-            return
-        extra = {
-            "method": "siamese",
-            "training": self.config.to_dict(),
-            "step": self.step,
-            "validation": {k: v for k, v in self.best.items() if k != "step"},
-            **self.meta,
-        }
-        save_siamese_checkpoint(
-            self.output, self.encoder, self.head, extra, self.model_kwargs, model=self.model
-        )
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.head.state_dict()
 
-    def _restore_best(self) -> None:
-        if self.best_head is None and self.output is not None:
-            self.best_head = load_head_state(self.output)
-        if self.best_head is not None and self.best["step"] != self.step:
-            self.head.load_state_dict(self.best_head, strict=False)
-        super()._restore_best()
-        self.head.eval()
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.head.load_state_dict(tensors)
 
+    def train(self, mode: bool = True) -> None:
+        self.head.train(mode)
 
-def _pk_batches(labels: torch.Tensor, classes: int, per_class: int, generator: torch.Generator):
-    sampler = EpisodeSampler(labels, classes, 1, per_class - 1, generator, "head training")
-    while True:
-        yield sampler.sample().flatten()
+    def save_best(self, output: str, best: dict[str, Any]) -> None:
+        raise NotImplementedError("train_head keeps its best head in memory")
+
+    def read_best(self, output: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("train_head keeps its best head in memory")
 
 
 def train_head(
@@ -189,54 +232,43 @@ def train_head(
     progress: bool = False,
     **head_kwargs: Any,
 ) -> tuple[SiameseHead, list[dict[str, Any]]]:
-    """Fit a `SiameseHead` alone on frozen embeddings `[N, D]` with labels `[N]`.
+    """Fit a `SiameseHead` alone on frozen embeddings `[N, D]` with labels `[N]` (in memory).
 
     Each step takes `classes` × `per_class` embeddings and their balanced pairs. With validation
     embeddings, the head with the best pair ROC AUC on them is returned. Returns (head, log).
     """
-    from sklearn.metrics import roc_auc_score
-
+    if per_class < 2:
+        raise UserInputError(f"per_class must be at least 2 (a pair), got {per_class}")
     embeddings = torch.as_tensor(embeddings).float()
     labels = torch.as_tensor(labels, dtype=torch.int64)
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = SiameseHead(embeddings.shape[1], **head_kwargs)
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-    batches = _pk_batches(labels, min(classes, int(labels.unique().numel())), per_class, generator)
+    ways = min(classes, int(labels.unique().numel()))
+    sampler = EpisodeSampler(labels, ways, 1, per_class - 1, split="head training")
     val_pairs = None
     if val_embeddings is not None and val_labels is not None:
-        val_pairs = random_pairs(torch.as_tensor(val_labels), 2000, seed + 1)
-        val_embeddings = torch.as_tensor(val_embeddings).float()
-    history: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
-    running, start = 0.0, time.perf_counter()
-    for step in progress_bar(range(1, steps + 1), progress, desc="siamese head"):
-        rows = next(batches)
-        emb, y = embeddings[rows], labels[rows]
-        with torch.no_grad():
-            scores = head.pair_logits(emb.unsqueeze(1), emb.unsqueeze(0)) if hard_fraction else None
-        i, j, same = sample_pairs(y, scores, generator, hard_fraction)
-        distances = (emb[i] - emb[j]).norm(dim=-1) if loss == "contrastive" else None
-        value = pair_loss(head.pair_logits(emb[i], emb[j]), same, loss, distances)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-        running += float(value.detach())
-        if step % val_every == 0 or step == steps:
-            record: dict[str, Any] = {"step": step, "train_loss": running / val_every}
-            running = 0.0
-            if val_pairs is not None:
-                a, b, same_v = val_pairs
-                with torch.no_grad():
-                    s = head.pair_logits(val_embeddings[a], val_embeddings[b])
-                record["val_auc"] = float(roc_auc_score(same_v.numpy(), s.numpy()))
-                if best is None or record["val_auc"] > best[0]:
-                    best = (record["val_auc"], {k: v.clone() for k, v in head.state_dict().items()})
-            record["elapsed_s"] = round(time.perf_counter() - start, 3)
-            history.append(record)
-    if best is not None:
-        head.load_state_dict(best[1])
-    return head.eval(), history
+        val_pairs = (
+            *random_pairs(torch.as_tensor(val_labels), 2000, seed + 1),
+            torch.as_tensor(val_embeddings).float(),
+        )
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    method = HeadOnPairs(
+        head, embeddings, labels, sampler, rng, generator, lr, loss, hard_fraction, val_pairs
+    )
+    loop = TrainLoop(
+        method,
+        seed=seed,
+        val_every=val_every,
+        validates=val_pairs is not None,
+        rng=rng,
+        generator=generator,
+        progress=progress,
+        score=lambda r: (r["val_auc"],),
+        best_keys=("val_auc",),
+        desc="siamese head",
+        unit="step",
+    )
+    return head, loop.run(steps).history
 
 
 def random_pairs(

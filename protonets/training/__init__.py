@@ -1,22 +1,24 @@
-"""Episodic training: preloaded images, a seeded episode sampler, the ProtoNet trainer, checkpoints."""
+"""Episodic training: preloaded images, the one training loop, the ProtoNet trainer, resume states."""
 
-from .checkpoint import LOG_FILE, load_state, read_log, save_checkpoint
+from .checkpoint import LOG_FILE, load_state, read_log
 from .data import AUGMENTATIONS, ImageSet, augment, preload_images, to_input
-from .episodes import EpisodeSampler
-from .trainer import EpisodicTrainer, TrainConfig, TrainResult
+from .loop import Method, TrainLoop, TrainResult
+from .trainer import EpisodicTrainer, ImageEpisodes, ProtoNetMethod, TrainConfig
 
 __all__ = [
     "AUGMENTATIONS",
     "LOG_FILE",
-    "EpisodeSampler",
     "EpisodicTrainer",
+    "ImageEpisodes",
     "ImageSet",
+    "Method",
+    "ProtoNetMethod",
     "TrainConfig",
+    "TrainLoop",
     "TrainResult",
     "augment",
     "load_state",
     "preload_images",
     "read_log",
-    "save_checkpoint",
     "to_input",
 ]

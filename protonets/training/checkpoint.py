@@ -1,10 +1,9 @@
-"""Training checkpoints: safetensors + JSON manifests, written crash-safe with `save_bundle`.
+"""Training output folders: the resume state and the JSON-lines log (crash-safe, no pickle).
 
 An output folder holds:
 
-    DIR/manifest.json, DIR/model-<sha>.safetensors   the best model (kind protonets.Checkpoint):
-        model name, model kwargs, preprocessing, fingerprint, training config, validation scores;
-        `create_encoder(checkpoint_path=DIR)` and `--checkpoint DIR` load it.
+    DIR/manifest.json, DIR/model-<sha>.safetensors   the best model, written by
+        `protonets.encoders.checkpoint.save_checkpoint` (kind protonets.Checkpoint);
     DIR/train_log.jsonl                              one JSON line per validation
     DIR/resume/                                      the last state (kind protonets.TrainState):
         weights, Adam moments, the episode sampler's and torch's RNG states, step, best so far.
@@ -19,53 +18,17 @@ import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from protonets.encoders import fingerprint_id, weights_sha256
 from protonets.encoders.atomic import load_bundle, save_bundle, write_bytes_atomically
+from protonets.encoders.checkpoint import tensor_writer
 from protonets.encoders.errors import UserInputError
-from protonets.encoders.factory import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KIND, CHECKPOINT_WEIGHTS
 
 STATE_KIND = "protonets.TrainState"
 STATE_FORMAT_VERSION = 1
 STATE_DIR = "resume"
 STATE_FILE = "state.safetensors"
 LOG_FILE = "train_log.jsonl"
-
-
-def _writer(tensors: dict[str, torch.Tensor]):  # noqa: ANN202
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return lambda tmp: save_file(cpu, tmp)
-
-
-def model_fingerprint(model: torch.nn.Module, name: str, preprocessing: dict[str, Any]) -> dict[str, Any]:
-    """The encoder fingerprint (as `Encoder.fingerprint`) of a model's current weights."""
-    return {"model": name, "weights_sha256": weights_sha256(model), "preprocessing": preprocessing}
-
-
-def save_checkpoint(
-    directory: str | os.PathLike[str],
-    model: torch.nn.Module,
-    name: str,
-    preprocessing: dict[str, Any],
-    extra: dict[str, Any],
-    model_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Save a trained model as a checkpoint folder that `create_encoder` loads; returns the manifest."""
-    fingerprint = model_fingerprint(model, name, preprocessing)
-    manifest = {
-        "kind": CHECKPOINT_KIND,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": name,
-        "model_kwargs": model_kwargs or {},
-        "preprocessing": preprocessing,
-        "fingerprint": fingerprint,
-        "fingerprint_id": fingerprint_id(fingerprint),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        **extra,
-    }
-    save_bundle(directory, manifest, {CHECKPOINT_WEIGHTS: _writer(model.state_dict())})
-    return manifest
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -93,7 +56,7 @@ def load_optimizer(
 def save_state(directory: str | os.PathLike[str], tensors: dict[str, torch.Tensor], manifest: dict) -> None:
     """Save the resumable training state into `directory/resume/`."""
     manifest = {"kind": STATE_KIND, "format_version": STATE_FORMAT_VERSION, **manifest}
-    save_bundle(os.path.join(directory, STATE_DIR), manifest, {STATE_FILE: _writer(tensors)})
+    save_bundle(os.path.join(directory, STATE_DIR), manifest, {STATE_FILE: tensor_writer(tensors)})
 
 
 def load_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -1,14 +1,10 @@
-"""MAML-path evaluation methods on cached embeddings: Proto-MAML / ANIL head fine-tuning.
+"""A meta-trained MAML learner evaluated on episodes, in place of the 'maml' head.
 
-`maml`: every episode starts from its prototype head (Proto-MAML init) and takes `steps` SGD
-steps of support cross-entropy on a linear head over the frozen encoder's embeddings (ANIL at
-test time: the body is not adapted). All episodes of a chunk adapt at once under vmap.
-
-Given a meta-trained learner (`meta=MetaEpisodes(...)`, what `protonets eval --method maml
---checkpoint DIR` passes for a checkpoint of `protonets train --method maml|fomaml|anil`), the
-method instead adapts that learner (body and head, as it was meta-trained) on each episode's
-support images and scores its query images; a head meta-trained on a frozen encoder
-(`--freeze-encoder`) adapts on the cached embeddings of that encoder instead.
+`protonets eval --method maml --checkpoint DIR`, where DIR holds a learner of `protonets train
+--method maml|fomaml|anil` (a `maml/` folder), adapts that learner (body and head, as it was
+meta-trained) on each episode's support images and scores its query images; a head
+meta-trained on a frozen encoder (`--freeze-encoder`) adapts on the cached embeddings of that
+encoder instead. Without such a folder, `maml` is the registered Proto-MAML head on embeddings.
 """
 
 from __future__ import annotations
@@ -20,16 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from protonets.encoders import Encoder
 from protonets.encoders.errors import UserInputError
-
+from protonets.episodes import Episodes
+from protonets.heads import HEADS
 from protonets.maml.frozen import episode_tasks, head_features
 from protonets.maml.head import MAMLHead
 from protonets.maml.learner import MetaLearner
 from protonets.maml.train import LEARNER_DIR, evaluate_episodes, load_meta_learner, query_scores
-
-from .episodes import Episodes
-from .protocol import batched_accuracy, register_method
 
 
 @dataclass
@@ -48,6 +43,11 @@ class MetaEpisodes:
     ) -> MetaEpisodes:
         learner, encoder, config = load_meta_learner(directory, device)
         return cls(learner, encoder, items, config.eval_inner_steps if steps is None else steps, directory)
+
+    @staticmethod
+    def replaces(method: str) -> bool:
+        """True for the methods a meta-trained learner runs in place of: the MAML head's."""
+        return issubclass(HEADS[method], MAMLHead)
 
     def check_ways(self, ways: int) -> None:
         """Refuse episodes of another width than the meta-trained head (its weights, step sizes
@@ -86,35 +86,3 @@ class MetaEpisodes:
 def is_meta_checkpoint(directory: str | None) -> bool:
     """True for a checkpoint folder written by `protonets train --method maml|fomaml|anil`."""
     return directory is not None and os.path.isdir(os.path.join(directory, LEARNER_DIR))
-
-
-@register_method("maml")
-def maml(
-    embeddings: torch.Tensor,
-    episodes: Episodes,
-    progress: bool = False,
-    steps: int = 20,
-    lr: float = 1.0,
-    metric: str = "cosine",
-    feature_transform: str | None = None,
-    scale: float = 10.0,
-    meta: MetaEpisodes | None = None,
-    **_: Any,
-) -> np.ndarray:
-    """Proto-MAML head fine-tuning per episode (head only, frozen embeddings); accuracies `[E]`.
-
-    meta: evaluate this meta-trained learner on the episodes' images instead (see the module).
-    """
-    if meta is not None:
-        return meta.evaluate(episodes, embeddings, progress)
-    head = MAMLHead(metric, feature_transform, scale, steps, lr)
-    return batched_accuracy(
-        embeddings,
-        episodes,
-        lambda s, y, q: head.episode_logits(s, y.contiguous(), q, episodes.ways),
-        progress,
-        episode_bytes=episodes.ways * (episodes.shots + episodes.queries) * embeddings.shape[1] * 16,
-        budget_bytes=128 << 20,  # inputs and their gradients
-        autograd=True,
-        desc="maml episodes",
-    )

@@ -1,4 +1,4 @@
-"""`protonets train --method siamese`: the Siamese branch of the train command.
+"""`protonets train --method siamese`: the Siamese options and branch of the train command.
 
 Two modes: the encoder and head together on images (`SiameseTrainer`), or `--freeze-encoder`:
 the head alone on the frozen encoder's cached embeddings (`train_head`), for any timm encoder.
@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from protonets.encoders import create_encoder
+from protonets.encoders import create_encoder, resolve_device, with_image_size
 from protonets.encoders.errors import UserInputError
+
+from .train_setup import check_output, frozen_embeddings, given_options, load_images, splits
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +36,10 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) -> int:
-    from protonets.cli.common import frozen_embeddings, resolve_device
 
-    from ..training.checkpoint import write_log
-    from .checkpoint import save_siamese_checkpoint
-    from .training import random_pairs, train_head
+    from protonets.siamese.checkpoint import save_siamese_checkpoint
+    from protonets.siamese.training import random_pairs, train_head
+    from protonets.training.checkpoint import write_log
 
     start = time.time()
     if args.resume:
@@ -90,20 +91,18 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
     return 0
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """`protonets train --method siamese ...`."""
-    from protonets.cli.common import resolve_device, with_image_size
-    from protonets.cli.train import _check_output, _given, _load_images, _splits
 
-    from .training import SiameseConfig, SiameseTrainer
+    from protonets.siamese.training import SiameseConfig, SiameseTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _check_output(args)
-    split, val_split = _splits(args)
+    check_output(args)
+    split, val_split = splits(args)
     if args.freeze_encoder:
         return _frozen(args, split, val_split)
-    given = {k: v for k, v in _given(args).items() if k not in ("metric", "augment")}
+    given = {k: v for k, v in given_options(args).items() if k not in ("metric", "augment")}
     extra = {
         "loss": args.loss,
         "hard_fraction": args.hard_fraction,
@@ -131,8 +130,8 @@ def run_train(args: argparse.Namespace) -> int:
         preprocessing=preprocessing,
     )
     encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
-    train = _load_images(args, split, encoder.preprocessing, "training images")
-    val = _load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
+    train = load_images(args, split, encoder.preprocessing, "training images")
+    val = load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
     meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
     trainer = SiameseTrainer(
         encoder, train, val, config, output=args.output, progress=not args.quiet, meta=meta
@@ -156,10 +155,9 @@ def calibrate_on_images(
     trainer: Any, val: Any, far: float, seed: int, output: str | None
 ) -> dict[str, float]:
     """Calibrate a trained `SiameseTrainer`'s head on pairs of the validation images; re-save."""
+    from protonets.siamese.checkpoint import save_siamese_checkpoint
+    from protonets.siamese.training import random_pairs
     from protonets.training import to_input
-
-    from .checkpoint import save_siamese_checkpoint
-    from .training import random_pairs
 
     encoder = trainer.encoder
     with torch.no_grad():

@@ -11,9 +11,10 @@ import os
 from typing import Any
 
 from protonets.encoders import Encoder
+from protonets.maml.train import METHODS, MetaConfig, MetaTrainer
+from protonets.training import ImageSet, TrainConfig
 
-from ..training import ImageSet, TrainConfig
-from .train import METHODS, MetaConfig, MetaTrainer
+from .train_setup import frozen_embeddings
 
 __all__ = ["METHODS", "add_train_options", "make_trainer", "meta_config"]
 
@@ -77,12 +78,11 @@ def run_frozen(
 
     import torch
 
-    from protonets.cli.common import frozen_embeddings
     from protonets.encoders import weights_sha256
-
-    from ..training import checkpoint as ckpt
-    from .frozen import train_frozen_anil
-    from .train import LEARNER_DIR, create_meta_learner, save_learner_extra
+    from protonets.encoders.checkpoint import save_checkpoint
+    from protonets.maml.frozen import train_frozen_anil
+    from protonets.maml.train import LEARNER_DIR, create_meta_learner, save_learner_extra
+    from protonets.training import checkpoint as ckpt
 
     start = time.time()
     meta = dataclasses.replace(meta_config(args), frozen_encoder=True)
@@ -103,7 +103,6 @@ def run_frozen(
     )
     best = next((r for r in reversed(history) if r.get("best")), history[-1])
     encoder_sha = weights_sha256(encoder.model)
-    save_learner_extra(args.output, learner, meta, config.ways, body_sha256=encoder_sha)
     extra = {
         "method": "anil",
         "frozen_encoder": True,
@@ -114,7 +113,8 @@ def run_frozen(
         "validation": {k: best[k] for k in ("val_acc", "val_loss") if k in best},
         "dataset": dataset_info,
     }
-    ckpt.save_checkpoint(args.output, encoder.model, name, encoder.preprocessing, extra)
+    save_checkpoint(args.output, encoder.model, name, encoder.preprocessing, extra)
+    save_learner_extra(args.output, learner, meta, config.ways, body_sha256=encoder_sha)
     ckpt.write_log(args.output, history)
     print(f"meta-trained the ANIL head on frozen {name} embeddings in {time.time() - start:.0f} s")
     if "val_acc" in best:

@@ -45,6 +45,7 @@ _REGISTRY: dict[str, HeadSpec] = {
     "logreg": _line("protonets.heads.logreg:LogRegHead"),
     "maml": _line("protonets.maml.head:MAMLHead"),
     "siamese": _line("protonets.siamese.head:SiameseHead"),
+    "temperature-prototype": _line("protonets.heads.temperature:TemperaturePrototypeHead"),
 }
 
 

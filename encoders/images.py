@@ -116,3 +116,37 @@ def list_images(folder: str | os.PathLike[str]) -> list[str]:
         for name in os.listdir(folder)
         if not name.startswith(".") and is_image_file(name) and os.path.isfile(os.path.join(folder, name))
     )
+
+
+def walk_images(folder: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """Image files under a folder, searched recursively (sorted per folder, hidden names left
+    out, symlinked folders followed), and the problems met: broken symlinks, symlink loops and
+    unreadable folders, one sentence each naming the path."""
+    images: list[str] = []
+    problems: list[str] = []
+
+    def visit(path: str, ancestors: frozenset[str]) -> None:
+        real = os.path.realpath(path)
+        if real in ancestors:
+            problems.append(f"'{path}' is a symlink loop (it leads back to '{real}')")
+            return
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            problems.append(f"folder '{path}' cannot be read ({exc.strerror})")
+            return
+        for name in names:
+            if name.startswith("."):
+                continue
+            child = os.path.join(path, name)
+            if os.path.isdir(child):
+                visit(child, ancestors | {real})
+            elif os.path.isfile(child):
+                if is_image_file(name):
+                    images.append(child)
+            elif os.path.islink(child):
+                problems.append(f"'{child}' is a broken symlink or a symlink loop")
+
+    visit(os.fspath(folder), frozenset())
+    return images, problems
+

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from protonets.encoders import FingerprintMismatchError, UserInputError
 
 from protonets import FewShotClassifier, PrototypeHead, SupportMemory
+from protonets.encoders import FingerprintMismatchError, UserInputError
 from protonets.memory import store
 from tests.conftest import REPO
 
@@ -241,6 +241,12 @@ def test_load_refuses_newer_format_wrong_dims_and_other_encoders(tmp_path):
         SupportMemory.load(folder, encoder={"model": "other", "weights_sha256": "cd"})
     manifest_path = folder / "manifest.json"
     edited = dict(manifest, dim=64)  # manifest says 64 dims, files hold 32
+    manifest_path.write_text(json.dumps(edited))
+    with pytest.raises(UserInputError, match="edited or damaged: its checksum does not match"):
+        SupportMemory.load(folder)
+    from protonets.encoders.atomic import manifest_checksum
+
+    edited["checksum"] = manifest_checksum(edited)  # re-signed: the files still disagree
     manifest_path.write_text(json.dumps(edited))
     with pytest.raises(UserInputError, match="not a consistent SupportMemory.*expected"):
         SupportMemory.load(folder)

@@ -1,27 +1,36 @@
-"""`protonets memory build|add|query|info`: a saved, growing support memory of embedded images."""
+"""`protonets memory build|add|query|info|rename`: a saved, growing support memory of embedded images.
+
+`add` and `rename` change a memory under its folder's exclusive lock, re-reading it there, so
+concurrent runs all keep their rows. Every row records the sha256 of its image file: images
+already in the memory are skipped (with a count) unless `--allow-duplicates`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from protonets.encoders import DEFAULT_ENCODER, Encoder, create_encoder, list_images
-from protonets.encoders.atomic import MANIFEST
+from protonets.encoders import DEFAULT_ENCODER, Encoder, create_encoder, resolve_device
+from protonets.encoders.atomic import MANIFEST, check_bundle_target, sha256_file
 from protonets.encoders.errors import UserInputError
 
 from ..memory import INDEX_KINDS, METRICS, MODES, SupportMemory
-from .common import add_encoder_options, positive_int, query_paths, resolve_device, write_rows
+from ..memory.store import KIND
+from .common import add_encoder_options, class_images, positive_int, query_paths, write_rows
+
+log = logging.getLogger("protonets.cli")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p = sub.add_parser(
         "memory",
-        help="build, grow and query a saved support memory (FAISS; millions of images)",
+        help=summary,
         description="A support memory: embedded, labelled support images saved in a folder, "
         "searched exactly or through a FAISS index, grown class by class.",
     )
@@ -38,6 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a = actions.add_parser("add", help="embed a support folder and add it to a saved memory")
     a.add_argument("directory", metavar="DIR", help="a saved memory")
     _from_option(a)
+    a.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        help="add images whose file content is already in the memory (default: skip them)",
+    )
     _common(a, run_add)
 
     q = actions.add_parser("query", help="classify query images against a saved memory")
@@ -52,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("directory", metavar="DIR", help="a saved memory")
     i.add_argument("--format", choices=["table", "json"], default="table")
     i.set_defaults(run=run_info)
+
+    r = actions.add_parser("rename", help="rename a class of a saved memory")
+    r.add_argument("directory", metavar="DIR", help="a saved memory")
+    r.add_argument("old", metavar="OLD", help="the class name now")
+    r.add_argument("new", metavar="NEW", help="its new name")
+    r.set_defaults(run=run_rename)
 
 
 def _from_option(p: argparse.ArgumentParser) -> None:
@@ -73,24 +93,27 @@ def _common(p: argparse.ArgumentParser, run: Any) -> None:
             action.help = f"timm model name (default: the memory's own; build: {DEFAULT_ENCODER})"
 
 
-def class_folders(root: str) -> tuple[list[str], list[str]]:
+def class_folders(root: str, skip_bad: bool = False) -> tuple[list[str], list[str]]:
     """Image paths and labels from a folder with one sub-folder per class (one class is enough)."""
     if not os.path.isdir(root):
         raise UserInputError(f"--from '{root}' does not exist or is not a folder")
-    paths: list[str] = []
-    labels: list[str] = []
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        if name.startswith(".") or not os.path.isdir(folder):
-            continue
-        images = list_images(folder)
-        if not images:
-            raise UserInputError(f"class folder '{folder}' holds no images; add some or remove it")
-        paths += images
-        labels += [name] * len(images)
+    paths, labels = class_images(root, skip_bad=skip_bad)
     if not paths:
         raise UserInputError(f"--from '{root}' has no class sub-folders of images")
     return paths, labels
+
+
+def _hashes(paths: list[str]) -> list[str]:
+    """sha256 of each file's content (what makes two images the same for duplicate checks)."""
+    out = []
+    for path in paths:
+        try:
+            out.append(sha256_file(path))
+        except OSError as exc:
+            raise UserInputError(
+                f"'{path}' cannot be read ({exc.strerror}); fix its permissions or remove it"
+            ) from None
+    return out
 
 
 def _encoder(args: argparse.Namespace, memory_dir: str | None = None) -> Encoder:
@@ -123,31 +146,61 @@ def run_build(args: argparse.Namespace) -> int:
             f"'{args.directory}' already holds a memory: grow it with `protonets memory add`, "
             "or pass --force to replace it"
         )
-    paths, labels = class_folders(args.support)
+    check_bundle_target(args.directory, KIND)
+    paths, labels = class_folders(args.support, skip_bad=args.skip_bad)
+    hashes = _hashes(paths)
     encoder = _encoder(args)
     result = _embed(encoder, paths, args, "support")
     memory = SupportMemory(
         encoder.dim, metric=args.metric, index=args.index, encoder_fingerprint=encoder.fingerprint
     )
-    memory.add(result.embeddings, [labels[i] for i in result.kept])
+    memory.add(result.embeddings, [labels[i] for i in result.kept], sources=[hashes[i] for i in result.kept])
     memory.save(args.directory)
     _summary("built", args.directory, memory)
     return 0
 
 
 def run_add(args: argparse.Namespace) -> int:
-    paths, labels = class_folders(args.support)
+    paths, labels = class_folders(args.support, skip_bad=args.skip_bad)
+    hashes = _hashes(paths)
     encoder = _encoder(args, args.directory)
-    memory = SupportMemory.load(args.directory, encoder=encoder)
-    result = _embed(encoder, paths, args, "support")
-    memory.add(result.embeddings, [labels[i] for i in result.kept])
-    memory.save(args.directory)
-    _summary(f"added {len(result.kept)} images to", args.directory, memory)
+    snapshot = SupportMemory.load(args.directory, encoder=encoder)  # checks before embedding
+    new = list(range(len(paths)))
+    if not args.allow_duplicates:
+        known = snapshot.has_sources(hashes)
+        new = [i for i in new if not known[i]]
+    del snapshot
+    result = _embed(encoder, [paths[i] for i in new], args, "support") if new else None
+    kept = [new[j] for j in result.kept] if result is not None else []
+    with SupportMemory.updating(args.directory, encoder=encoder) as memory:  # re-read under the lock
+        rows = list(range(len(kept)))
+        if not args.allow_duplicates and kept:  # another run may have added them meanwhile
+            known = memory.has_sources([hashes[i] for i in kept])
+            rows = [r for r in rows if not known[r]]
+        if rows:
+            memory.add(
+                result.embeddings[rows],
+                [labels[kept[r]] for r in rows],
+                sources=[hashes[kept[r]] for r in rows],
+            )
+    skipped = len(paths) - len(new) + len(kept) - len(rows)
+    note = f" (skipped {skipped} already in the memory; --allow-duplicates adds them)" if skipped else ""
+    _summary(f"added {len(rows)} images{note} to", args.directory, memory)
+    return 0
+
+
+def run_rename(args: argparse.Namespace) -> int:
+    with SupportMemory.updating(args.directory) as memory:
+        old: str | int = args.old
+        if old not in memory.classes and args.old.lstrip("-").isdigit() and int(args.old) in memory.classes:
+            old = int(args.old)
+        memory.rename_class(old, args.new)
+    print(f"renamed class {args.old!r} to {args.new!r} in '{args.directory}'")
     return 0
 
 
 def run_query(args: argparse.Namespace) -> int:
-    queries = query_paths(args.queries)
+    queries = query_paths(args.queries, skip_bad=args.skip_bad)
     encoder = _encoder(args, args.directory)
     memory = SupportMemory.load(args.directory, encoder=encoder)
     result = _embed(encoder, queries, args, "queries")

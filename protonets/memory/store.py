@@ -8,6 +8,9 @@ totals, so the prototype (mean) of a class is updated in O(shots) when shots are
 Search runs exactly (blocked torch matrix products over `_vectors`) until an approximate index
 exists; `index="auto"` builds one once the memory reaches `exact_limit` vectors, sized to the
 data (see `indexes.py`). Reads take a shared lock and run concurrently; writes take it alone.
+Across processes, `SupportMemory.updating(DIR)` holds the folder's exclusive file lock while it
+re-reads, changes and saves the memory. Rows may carry a content hash of their source (`sources`)
+so re-adding the same image can be detected.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from protonets.encoders import FingerprintMismatchError, UserInputError
-from protonets.encoders.atomic import load_bundle, save_bundle
+from protonets.encoders.atomic import bundle_lock, check_bundle_target, load_bundle, save_bundle
 
 from . import indexes
 from ._inputs import as_labels, as_matrix, normalized
@@ -40,6 +43,7 @@ MODES = ("prototype", "knn")
 _QUERY_BLOCK = 256  # queries per exact-search block
 _ROW_BLOCK = 131_072  # support rows per exact-search block (256 × 131072 floats = 128 MiB)
 _ADD_BLOCK = 65_536  # rows per faiss add call when (re)building
+_HASH_BYTES = 16  # bytes of a source's sha256 kept per row (128 bits: no accidental collisions)
 
 
 class _RWLock:
@@ -164,6 +168,7 @@ class SupportMemory:
         self._n = 0  # row ids handed out (alive + removed)
         self._count = 0  # alive rows
         self._labels = np.empty(0, np.int32)
+        self._hashes = np.zeros((0, _HASH_BYTES), np.uint8)  # per row; all zero: source unknown
         self._vectors: np.ndarray | None = np.empty((0, dim), np.float32) if keep_vectors else None
         self._names: list[str | int] = []
         self._slots: dict[str | int, int] = {}
@@ -244,15 +249,17 @@ class SupportMemory:
             return out
 
     # -- writing -------------------------------------------------------------------------
-    def add(self, embeddings: Any, labels: Any) -> None:
+    def add(self, embeddings: Any, labels: Any, *, sources: Sequence[str] | None = None) -> None:
         """Add embeddings `[N, dim]` (numpy or torch, floating point) with one label each.
 
         Labels are str or int class names; new names start new classes. Prototypes are running
         means, so adding shots to a class never rebuilds anything. An `auto` memory that grows
         past `exact_limit` trains its approximate index here (once; again after 4× growth).
+        `sources`: optional hex sha256 of each row's image file (see `has_sources`).
         """
         x = as_matrix(embeddings, self.dim, "embeddings")
         names = as_labels(labels, len(x))
+        hashes = _hash_rows(sources, len(x))
         if self.metric == "cosine":
             x = normalized(x, "embeddings")
         if not len(x):
@@ -262,7 +269,7 @@ class SupportMemory:
                 self._index = self._trained_index(x, max(len(x), self.expected_size or 0))
             slots = np.array([self._slot(name) for name in names], dtype=np.int32)
             first = self._n
-            self._append(x, slots)
+            self._append(x, slots, hashes)
             if self._index is not None:
                 indexes.add(self._index, x, first)
             sums, index = torch.from_numpy(self._sums), torch.from_numpy(slots.astype(np.int64))
@@ -309,6 +316,40 @@ class SupportMemory:
                     self._index = None  # rebuilt below from the compacted rows
             self._restructure()
             return len(ids)
+
+    def rename_class(self, old: str | int, new: str | int) -> None:
+        """Give class `old` the name `new` (a class `new` must not hold vectors already)."""
+        (new,) = as_labels([new], 1)
+        with self._lock.write():
+            slot = self._slots.get(old)
+            if slot is None or self._counts[slot] == 0:
+                raise UserInputError(
+                    f"class {old!r} is not in this memory; see its classes with `memory info`"
+                )
+            if new == old:
+                return
+            target = self._slots.get(new)
+            if target is not None and self._counts[target] > 0:
+                raise UserInputError(
+                    f"class {new!r} already exists; remove it first or choose another name"
+                )
+            if target is None:
+                del self._slots[old]
+                self._slots[new] = slot
+                self._names[slot] = new
+            else:  # `new` names an emptied class: move the rows into it
+                self._labels[: self._n][self._labels[: self._n] == slot] = target
+                self._sums[target], self._counts[target] = self._sums[slot], self._counts[slot]
+                self._sums[slot], self._counts[slot] = 0.0, 0
+            self._table = None
+
+    def has_sources(self, sources: Sequence[str]) -> np.ndarray:
+        """Which of these source hashes (hex sha256) rows in the memory already carry: bool `[N]`."""
+        wanted = _hash_rows(sources, len(sources))
+        with self._lock.read():
+            alive = self._labels[: self._n] >= 0
+            known = {bytes(h) for h in self._hashes[: self._n][alive] if h.any()}
+        return np.array([bytes(h) in known for h in wanted], dtype=bool)
 
     def rebuild(self) -> None:
         """Drop removed rows and retrain the approximate index on the kept vectors."""
@@ -409,10 +450,35 @@ class SupportMemory:
             }
             if self._vectors is not None:
                 files["vectors.npy"] = _npy_writer(self._vectors[:n])
+            if self._hashes[:n].any():
+                files["sources.npy"] = _npy_writer(self._hashes[:n])
             if self._index is not None:
                 index = self._index
                 files["index.faiss"] = lambda p: faiss.write_index(index, p)
             save_bundle(directory, manifest, files)
+
+    @classmethod
+    @contextmanager
+    def updating(
+        cls, directory: str | os.PathLike[str], encoder: Any = None, create: dict[str, Any] | None = None
+    ) -> Iterator[SupportMemory]:
+        """Read-modify-write a saved memory under its folder's exclusive lock (other processes wait).
+
+        Yields the memory as saved now (re-read under the lock); saves it when the block ends
+        without an error. `create`: SupportMemory arguments to start from when DIR holds none.
+        """
+        directory = os.fspath(directory)
+        if create is not None:
+            check_bundle_target(directory, KIND)
+        elif not os.path.isfile(os.path.join(directory, "manifest.json")):
+            cls.load(directory)  # says what is wrong, before any lock file is made
+        with bundle_lock(directory):
+            if create is not None and not os.path.exists(os.path.join(directory, "manifest.json")):
+                memory = cls(**create)
+            else:
+                memory = cls.load(directory, encoder=encoder)
+            yield memory
+            memory.save(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], encoder: Any = None) -> SupportMemory:
@@ -465,6 +531,8 @@ class SupportMemory:
             encoder_fingerprint=m["encoder_fingerprint"],
         )
         n, names = int(m["rows"]), list(m["class_names"])
+        if len(set(names)) != len(names) or not all(isinstance(c, (str, int)) for c in names):
+            raise ValueError("class_names holds a name twice or a name that is not str or int")
         labels = np.load(files["labels.npy"], allow_pickle=False)
         if labels.dtype != np.int32 or labels.shape != (n,):
             raise ValueError(f"labels file holds {labels.dtype} {labels.shape}, expected int32 ({n},)")
@@ -494,6 +562,13 @@ class SupportMemory:
             mem._index = index
         elif m["structure"] != "flat" or not mem.keep_vectors:
             raise ValueError(f"manifest names structure {m['structure']!r} but no index file")
+        if "sources.npy" in files:
+            hashes = np.load(files["sources.npy"], allow_pickle=False)
+            if hashes.dtype != np.uint8 or hashes.shape != (n, _HASH_BYTES):
+                raise ValueError(f"sources file holds {hashes.dtype} {hashes.shape}, expected ({n}, 16)")
+            mem._hashes = hashes.copy()
+        else:
+            mem._hashes = np.zeros((n, _HASH_BYTES), np.uint8)
         mem._labels = labels.copy()
         mem._names = names
         mem._slots = {name: i for i, name in enumerate(names)}
@@ -519,16 +594,20 @@ class SupportMemory:
                 self._sums, self._counts = sums, counts
         return slot
 
-    def _append(self, x: np.ndarray, slots: np.ndarray) -> None:
+    def _append(self, x: np.ndarray, slots: np.ndarray, hashes: np.ndarray) -> None:
         need = self._n + len(x)
         if need > len(self._labels):
             cap = max(need, len(self._labels) * 3 // 2, 1024)
             self._labels = np.concatenate([self._labels[: self._n], np.empty(cap - self._n, np.int32)])
+            grown_h = np.zeros((cap, _HASH_BYTES), np.uint8)
+            grown_h[: self._n] = self._hashes[: self._n]
+            self._hashes = grown_h
             if self._vectors is not None:
                 grown = np.empty((cap, self.dim), np.float32)
                 grown[: self._n] = self._vectors[: self._n]
                 self._vectors = grown
         self._labels[self._n : need] = slots
+        self._hashes[self._n : need] = hashes
         if self._vectors is not None:
             self._vectors[self._n : need] = x
         self._n = need
@@ -540,6 +619,7 @@ class SupportMemory:
             return
         alive = self._labels[: self._n] >= 0
         self._labels = self._labels[: self._n][alive]
+        self._hashes = self._hashes[: self._n][alive]
         if self._vectors is not None:
             self._vectors = self._vectors[: self._n][alive]
         self._n = self._count
@@ -581,8 +661,9 @@ class SupportMemory:
                 self._calibrate()
 
     def _calibrate(self) -> None:
-        """Pick nprobe: the fewest lists whose top-1 class agrees with exact search on
-        TARGET_AGREEMENT of a sample of stored vectors, each queried leaving itself out."""
+        """Pick nprobe: the fewest lists for which the lower 95% (Wilson) bound of the top-1 class
+        agreement with exact search reaches TARGET_AGREEMENT on a sample of stored vectors, each
+        queried leaving itself out."""
         rows = indexes.sample_rows(self._n, min(indexes.CALIBRATION_PROBES, self._n), seed=1)
         rows = rows[self._labels[rows] >= 0]
         probes = self._vectors[rows]
@@ -596,9 +677,11 @@ class SupportMemory:
         for nprobe in [p for p in indexes.NPROBE_STEPS if p < nlist] + [nlist]:
             self._calibration = {"nprobe": nprobe, "probes": len(rows)}
             got = best_other(self._search_ids(probes, 2, exact=False)[1])
-            agreement = float(np.mean((got >= 0) & (self._labels[np.maximum(got, 0)] == want)))
-            self._calibration["agreement"] = round(agreement, 4)
-            if agreement >= indexes.TARGET_AGREEMENT:
+            hits = int(np.sum((got >= 0) & (self._labels[np.maximum(got, 0)] == want)))
+            lower = indexes.wilson_lower(hits, len(rows))
+            self._calibration["agreement"] = round(hits / max(len(rows), 1), 4)
+            self._calibration["lower_bound"] = round(lower, 4)
+            if lower >= indexes.TARGET_AGREEMENT:
                 break
 
     def _nprobe(self) -> int:
@@ -759,6 +842,21 @@ class SupportMemory:
         if empty.any():  # no neighbour found (sparse IVF lists): fall back to prototypes
             out_slots[empty], out_scores[empty] = self._nearest_prototype(q[empty])
         return out_slots, out_scores
+
+
+def _hash_rows(sources: Sequence[str] | None, n: int) -> np.ndarray:
+    """Source hashes (hex sha256 strings, or None for none) as `[n, 16]` uint8 rows."""
+    out = np.zeros((n, _HASH_BYTES), np.uint8)
+    if sources is None:
+        return out
+    if isinstance(sources, (str, bytes)) or len(sources) != n:
+        raise ValueError(f"sources must hold one hex sha256 per row ({n}), got {sources!r:.60}")
+    for i, text in enumerate(sources):
+        try:
+            out[i] = np.frombuffer(bytes.fromhex(text)[:_HASH_BYTES], np.uint8)
+        except (TypeError, ValueError):
+            raise ValueError(f"sources[{i}] is {text!r:.60}, not a hex sha256 (32+ digits)") from None
+    return out
 
 
 def _npy_writer(array: np.ndarray):  # noqa: ANN202

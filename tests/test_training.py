@@ -389,3 +389,37 @@ def test_train_command_errors(folder_dataset, tmp_path, capsys):
 def test_numpy_labels_are_accepted():
     s = ImageSet(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), np.array([0, 0, 1, 1]))
     assert s.labels.dtype == torch.int64 and len(s) == 4
+
+
+def test_init_checkpoint_starts_from_a_trained_body(folder_dataset, tmp_path, capsys):
+    """`--init-checkpoint DIR` starts a new run (any method) from DIR's model and weights."""
+    from safetensors.torch import load_file
+
+    from protonets.encoders.checkpoint import read_checkpoint_dir
+
+    root = folder_dataset
+    base = [
+        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
+        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
+    ]  # fmt: skip
+    code, _, err = _run(capsys, *base, "--episodes", 3, "--output", tmp_path / "body")
+    assert code == 0, err
+    code, _, err = _run(
+        capsys, *base, "--episodes", 1, "--lr", 1e-12, "--init-checkpoint", tmp_path / "body",
+        "--output", tmp_path / "tuned",
+    )  # fmt: skip
+    assert code == 0, err
+    body, tuned = read_checkpoint_dir(tmp_path / "body"), read_checkpoint_dir(tmp_path / "tuned")
+    assert tuned["init_checkpoint"]["fingerprint_id"] == body["fingerprint_id"]
+    before, after = load_file(body["weights_file"]), load_file(tuned["weights_file"])
+    assert before.keys() == after.keys()
+    learned = [k for k in before if "running_" not in k and "num_batches" not in k]  # not BN statistics
+    assert learned
+    for key in learned:  # one Adam step of 1e-12 from the body's weights, not a fresh start
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
+
+    code, _, err = _run(
+        capsys, *base, "--episodes", 1, "--init-checkpoint", tmp_path / "body", "--encoder", "resnet18",
+        "--output", tmp_path / "other",
+    )  # fmt: skip
+    assert code == 2 and "--init-checkpoint" in err and len(err.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from protonets.encoders import DEFAULT_ENCODER, create_encoder, resolve_device, with_image_size
+from protonets.encoders.checkpoint import read_checkpoint_dir
 from protonets.encoders.errors import UserInputError
 
 from . import train_maml, train_siamese
@@ -53,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     g.add_argument("--encoder", default=None, help="timm model name (default: conv4)")
     g.add_argument(
         "--pretrained", action="store_true", help="start from the encoder's pretrained weights (fine-tune)"
+    )
+    g.add_argument(
+        "--init-checkpoint",
+        default=None,
+        metavar="DIR",
+        help="start from a trained checkpoint folder's model and weights (e.g. MAML from a ProtoNet body)",
     )
     g.add_argument("--image-size", type=positive_int, default=None, help="override the input side")
     g.add_argument(
@@ -141,6 +148,15 @@ def run(args: argparse.Namespace) -> int:
             values["val_ways"] = given.get("val_ways", values["ways"])
         config = TrainConfig(**{**values, **given})
         name, preprocessing, model_kwargs = args.encoder or "conv4", None, {}
+    init = None
+    if args.init_checkpoint and not args.resume:  # the model, its preprocessing and weights
+        init = read_checkpoint_dir(args.init_checkpoint)
+        if args.encoder not in (None, init["model"]) or args.pretrained:
+            raise UserInputError(
+                f"--init-checkpoint '{args.init_checkpoint}' holds a trained {init['model']}: "
+                "leave out --encoder and --pretrained"
+            )
+        name, preprocessing, model_kwargs = init["model"], init["preprocessing"], init.get("model_kwargs", {})
     if args.freeze_encoder:  # the ANIL head alone on cached embeddings (cli/train_maml.py)
         return train_maml.run_frozen(args, config, split, val_split, device)
 
@@ -148,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     encoder = create_encoder(
         name,
         pretrained=args.pretrained and not args.resume,
+        checkpoint_path=init["weights_file"] if init else None,
         device=device,
         preprocessing=preprocessing,
         **model_kwargs,
@@ -160,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
     meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
     if val is not None:
         meta["dataset"]["val"] = val.info
+    if init is not None:
+        path = os.path.abspath(args.init_checkpoint)
+        meta["init_checkpoint"] = {"path": path, "fingerprint_id": init.get("fingerprint_id")}
     kwargs = {"progress": not args.quiet, "model_kwargs": model_kwargs, "meta": meta}
     if args.method in train_maml.METHODS:
         trainer = train_maml.make_trainer(args, encoder, train, val, config, saved, **kwargs)

@@ -18,7 +18,7 @@ import torch
 
 from protonets.encoders.errors import UserInputError
 from protonets.encoders.progress import progress_bar
-from protonets.episodes import Episodes, gather_episodes
+from protonets.episodes import Episodes
 from protonets.heads import HEADS, Head, build_head
 from protonets.stats import mean_ci95  # noqa: F401  (part of eval's API)
 
@@ -40,7 +40,8 @@ def batched_accuracy(
     autograd: bool = False,
     desc: str = "episodes",
 ) -> np.ndarray:
-    """Per-episode accuracies `[E]` of `logits_fn(support, support_labels, queries)` (batched).
+    """Per-episode accuracies `[E]` of `logits_fn(support, support_labels, queries)` (batched):
+    each episode's correct queries over its N*Q queries, balanced or imbalanced alike.
 
     Episodes go through in chunks of about `budget_bytes` of working memory, `episode_bytes`
     each (default: a metric head's distances). `autograd=True` runs under `no_grad` rather than
@@ -54,23 +55,19 @@ def batched_accuracy(
     with torch.no_grad() if autograd else torch.inference_mode():
         for start in progress_bar(range(0, len(episodes), step), progress, desc=desc):
             stop = min(start + step, len(episodes))
-            support, s_labels, query, q_labels = gather_episodes(
-                embeddings, torch.from_numpy(episodes.indices[start:stop]), episodes.shots
-            )
+            support, s_labels, query, q_labels = episodes.gather(embeddings, start, stop)
             predicted = logits_fn(support, s_labels, query).argmax(-1)
             out[start:stop] = (predicted == q_labels).double().mean(1).numpy()
     return out
 
 
-def _build(method: str, options: dict[str, Any]) -> Head:
-    """The head of `method`: a given `head` instance, or one built from the registry."""
-    given = options.pop("head", None)
-    if isinstance(given, Head):
-        return given
-    directory = given or options.pop("head_checkpoint", None)
+def checkpoint_folder(method: str, directory: str | os.PathLike[str] | None) -> str | None:
+    """The trained-head folder `method` will load: `directory`, else the head's environment
+    variable; None for a head that needs none. A head that needs one and has none is a
+    UserInputError (callers check this before long work)."""
     cls = HEADS[method]
     if not cls.needs_checkpoint:
-        return build_head(method, **options)
+        return None
     directory = directory or (os.environ.get(cls.checkpoint_env) if cls.checkpoint_env else None)
     if not directory:
         env = f" or set {cls.checkpoint_env}=DIR" if cls.checkpoint_env else ""
@@ -78,7 +75,21 @@ def _build(method: str, options: dict[str, Any]) -> Head:
             f"--method {method} needs a trained head: pass --head-checkpoint DIR{env}, "
             f"DIR being {cls.checkpoint_hint}"
         )
-    return build_head(method, os.fspath(directory), **options)
+    return os.fspath(directory)
+
+
+def _build(method: str, options: dict[str, Any]) -> Head:
+    """The head of `method`: a given `head` instance, or one built from the registry."""
+    given = options.pop("head", None)
+    if isinstance(given, Head):
+        return given
+    if given is not None:
+        options["head_checkpoint"] = given
+    directory = checkpoint_folder(method, options.get("head_checkpoint"))
+    if directory is None:  # a head that may take a folder finds it in its options (`matching`)
+        return build_head(method, **options)
+    options.pop("head_checkpoint", None)
+    return build_head(method, directory, **options)
 
 
 def evaluate(
@@ -99,6 +110,11 @@ def evaluate(
     embeddings = embeddings.float()
     meta = options.pop("meta", None)
     if meta is not None:
+        if not episodes.balanced:
+            raise UserInputError(
+                f"--method {method} with a meta-trained checkpoint runs on balanced episodes only; "
+                "drop --query-balance dirichlet, or evaluate it without the meta-trained checkpoint"
+            )
         return meta.evaluate(episodes, embeddings, progress)
     head = _build(method, options)
     n, k, q = episodes.ways, episodes.shots, episodes.queries

@@ -9,33 +9,63 @@ from protonets.encoders.atomic import write_atomically, write_json_atomically
 
 
 def result_row(
-    method: str, ways: int, shots: int, queries: int, mean: float, ci95: float, episodes: int
+    method: str,
+    ways: int,
+    shots: int,
+    queries: int,
+    mean: float,
+    ci95: float,
+    episodes: int,
+    query_balance: str = "balanced",
+    alpha: float | None = None,
+    capped_episodes: int | None = None,
 ) -> dict:
-    """One result: accuracy and its 95% confidence half-width, both in [0, 1]."""
-    return {
+    """One result: accuracy and its 95% confidence half-width, both in [0, 1].
+
+    `queries` is per class on average (each episode has ways × queries); Dirichlet rows add
+    `alpha` and `capped_episodes` (episodes where a class had fewer images than its share).
+    """
+    row = {
         "method": method,
         "ways": ways,
         "shots": shots,
         "queries": queries,
         "episodes": episodes,
+        "query_balance": query_balance,
         "accuracy": round(mean, 6),
         "ci95": round(ci95, 6),
     }
+    if query_balance != "balanced":
+        row.update(alpha=alpha, capped_episodes=capped_episodes)
+    return row
+
+
+def _balance(row: dict[str, Any]) -> str:
+    balance = row.get("query_balance", "balanced")
+    return f"{balance} (α={row['alpha']:g})" if row.get("alpha") is not None else balance
 
 
 def markdown_table(results: list[dict[str, Any]], published: dict | None = None) -> str:
-    """Rows of method × setting as 'mean ± ci' percentages; optional published numbers column."""
-    header = "| method | ways | shots | queries | episodes | accuracy (%) |"
-    rule = "| --- | ---: | ---: | ---: | ---: | ---: |"
+    """Rows of method × setting as 'mean ± ci' percentages; optional published numbers column.
+
+    A query-balance column appears when some row is not balanced."""
+    balance = any(r.get("query_balance", "balanced") != "balanced" for r in results)
+    header = "| method | ways | shots | queries | episodes |"
+    rule = "| --- | ---: | ---: | ---: | ---: |"
+    if balance:
+        header += " query balance |"
+        rule += " --- |"
+    header += " accuracy (%) |"
+    rule += " ---: |"
     if published:
         header += " published (%) |"
         rule += " ---: |"
     lines = [header, rule]
     for r in results:
-        line = (
-            f"| {r['method']} | {r['ways']} | {r['shots']} | {r['queries']} | {r['episodes']} | "
-            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |"
-        )
+        line = f"| {r['method']} | {r['ways']} | {r['shots']} | {r['queries']} | {r['episodes']} |"
+        if balance:
+            line += f" {_balance(r)} |"
+        line += f" {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |"
         if published:
             value = published.get((r["ways"], r["shots"]))
             line += f" {value} |" if value is not None else " |"

@@ -42,15 +42,26 @@ def run_evaluation(
     class_names: list[str] | None = None,
     progress: bool = False,
     method_options: dict[str, dict[str, Any]] | None = None,
+    query_balance: str = "balanced",
+    alpha: float = 2.0,
 ) -> list[dict[str, Any]]:
-    """Result rows for every (method, ways, shots); all methods see the same episodes (paired)."""
+    """Result rows for every (method, ways, shots); all methods see the same episodes (paired).
+
+    query_balance: "balanced" (Q queries per class) or "dirichlet" (the N*Q queries of each
+    episode split by Dirichlet(`alpha`) class proportions, Veilleux et al. 2021).
+    """
     rows = []
     for n in ways:
         for k in shots:
-            batch = sample_episodes(labels, n, k, queries, episodes, seed, class_names)
+            batch = sample_episodes(labels, n, k, queries, episodes, seed, class_names, query_balance, alpha)
+            capped = None if batch.capped is None else int(batch.capped.sum())
             for method in methods:
                 options = (method_options or {}).get(method, {})
                 acc = evaluate(embeddings, batch, method, progress=progress, **options)
                 mean, ci = mean_ci95(acc)
-                rows.append(result_row(method, n, k, queries, mean, ci, episodes))
+                rows.append(
+                    result_row(
+                        method, n, k, queries, mean, ci, episodes, batch.query_balance, batch.alpha, capped
+                    )
+                )
     return rows

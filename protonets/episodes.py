@@ -6,12 +6,19 @@ Generator (PCG64 is specified, so the same seed gives the same episodes on any m
 evaluation draws a fixed batch at once (`sample_episodes`), training draws one batch per step
 from a Generator whose state it saves. `split_episodes` turns `[..., N, K+Q, ...]` into support,
 support labels, queries and query labels.
+
+Realistic (imbalanced) evaluation (Veilleux et al. 2021, `query_balance="dirichlet"`): each
+episode's T = N*Q queries are split across its classes by proportions drawn from Dirichlet(alpha).
+Such a batch keeps the support index `[E, N, K]` in `indices` and adds a flat query index
+`[E, T]` with query labels `[E, T]`: T stays fixed, so episodes still batch. `gather_episodes`
+splits both layouts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,19 +32,37 @@ from protonets.encoders.errors import UserInputError
 log = logging.getLogger(__name__)
 
 
+QUERY_BALANCES = ("balanced", "dirichlet")
+
+
 @dataclass
 class Episodes:
-    """`indices[e, n, :shots]` are support rows of class `classes[e, n]`, the rest are queries."""
+    """`indices[e, n, :shots]` are support rows of class `classes[e, n]`, the rest are queries.
 
-    indices: np.ndarray  # [E, N, K+Q] int64 rows of the embedding set
+    Imbalanced batches (`query_index` set) hold only the support `[E, N, K]` in `indices`; their
+    queries are `query_index[e]` with classes `query_labels[e]` (0..N-1), T = N*Q per episode,
+    and `capped[e]` says a class of episode e had fewer images than its Dirichlet share.
+    """
+
+    indices: np.ndarray  # [E, N, K+Q] int64 rows of the embedding set ([E, N, K] if imbalanced)
     classes: np.ndarray  # [E, N] int64 class ids
     ways: int
     shots: int
     queries: int
     seed: int
+    query_index: np.ndarray | None = None  # [E, N*Q] int64 query rows (imbalanced batches)
+    query_labels: np.ndarray | None = None  # [E, N*Q] int64 their classes 0..N-1
+    capped: np.ndarray | None = None  # [E] bool: a class had too few images for its share
+    query_balance: str = "balanced"
+    alpha: float | None = None  # the Dirichlet concentration of imbalanced batches
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
+
+    @property
+    def balanced(self) -> bool:
+        """True for the classic layout: every class has `queries` queries in `indices`."""
+        return self.query_index is None
 
     @property
     def support(self) -> np.ndarray:
@@ -45,17 +70,39 @@ class Episodes:
 
     @property
     def query(self) -> np.ndarray:
-        return self.indices[:, :, self.shots :]
+        """Query rows: `[E, N, Q]` for balanced batches, the flat `[E, N*Q]` otherwise."""
+        return self.indices[:, :, self.shots :] if self.balanced else self.query_index
+
+    def gather(
+        self, rows: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Support `[e, N*K, ...]`, support labels, queries `[e, N*Q, ...]` and query labels of
+        episodes `start:stop`, gathered from `rows [M, ...]` (`gather_episodes`)."""
+        index = torch.from_numpy(self.indices[start:stop])
+        if self.balanced:
+            return gather_episodes(rows, index, self.shots)
+        query = torch.from_numpy(self.query_index[start:stop])
+        labels = torch.from_numpy(self.query_labels[start:stop])
+        return gather_episodes(rows, index, self.shots, query, labels)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save as .npz (arrays + JSON settings), atomically."""
-        meta = json.dumps(
-            {"ways": self.ways, "shots": self.shots, "queries": self.queries, "seed": self.seed}
-        )
+        settings: dict[str, Any] = {
+            "ways": self.ways,
+            "shots": self.shots,
+            "queries": self.queries,
+            "seed": self.seed,
+        }
+        arrays = {"indices": self.indices, "classes": self.classes}
+        if not self.balanced:
+            settings.update(query_balance=self.query_balance, alpha=self.alpha)
+            arrays.update(query_index=self.query_index, query_labels=self.query_labels)
+            arrays["capped"] = self.capped if self.capped is not None else np.zeros(len(self), bool)
+        meta = json.dumps(settings)
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as handle:
-                np.savez(handle, indices=self.indices, classes=self.classes, meta=np.array(meta))
+                np.savez(handle, meta=np.array(meta), **arrays)
 
         write_atomically(path, write)
 
@@ -65,8 +112,9 @@ class Episodes:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                return cls(data["indices"], data["classes"], **meta)
-        except (OSError, KeyError, ValueError) as exc:
+                extra = {k: data[k] for k in ("query_index", "query_labels", "capped") if k in data}
+                return cls(data["indices"], data["classes"], **meta, **extra)
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             raise UserInputError(f"episode file '{path}' cannot be read ({exc})") from None
 
 
@@ -148,9 +196,73 @@ class EpisodeSampler:
                 indices[e, n] = members[rng.choice(len(members), size=need, replace=False)]
         return indices, chosen
 
+    def draw_dirichlet(
+        self, rng: np.random.Generator, count: int, alpha: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`count` episodes whose N*Q queries follow Dirichlet(alpha) class proportions.
+
+        Returns support `[count, N, K]`, class ids `[count, N]`, query rows `[count, N*Q]`,
+        query labels `[count, N*Q]` and `capped [count]`: a class with fewer than K + its share
+        of images gives all it has and the rest goes to the other classes (T stays N*Q).
+        """
+        ways, shots, total = self.ways, self.shots, self.ways * self.queries
+        support = np.empty((count, ways, shots), dtype=np.int64)
+        chosen = np.empty((count, ways), dtype=np.int64)
+        query = np.empty((count, total), dtype=np.int64)
+        labels = np.empty((count, total), dtype=np.int64)
+        capped = np.zeros(count, dtype=bool)
+        sizes = self._starts[1:] - self._starts[:-1]
+        for e in range(count):
+            picked = rng.choice(self.usable, size=ways, replace=False)
+            chosen[e] = picked
+            proportions = rng.dirichlet(np.full(ways, alpha))
+            shares, capped[e] = _split_total(proportions, total, sizes[picked] - shots)
+            labels[e] = np.repeat(np.arange(ways), shares)
+            at = 0
+            for n, c in enumerate(picked):
+                members = self._order[self._starts[c] : self._starts[c + 1]]
+                rows = members[rng.choice(len(members), size=shots + shares[n], replace=False)]
+                support[e, n] = rows[:shots]
+                query[e, at : at + shares[n]] = rows[shots:]
+                at += shares[n]
+        return support, chosen, query, labels, capped
+
     def sample(self, rng: np.random.Generator, count: int) -> torch.Tensor:
         """`count` episodes as an int64 tensor `[count, N, K+Q]`."""
         return torch.from_numpy(self.draw(rng, count)[0])
+
+
+def _split_total(proportions: np.ndarray, total: int, room: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Integer shares of `total` close to `proportions` (largest remainders), none above `room`;
+    the excess of a full class goes to the others by their proportions. Needs room.sum() >= total.
+    Returns the shares and whether any class was capped."""
+    shares = np.zeros(len(proportions), dtype=np.int64)
+    capped = False
+    while True:
+        left = total - shares.sum()
+        open_ = shares < room
+        weights = np.where(open_, proportions, 0.0)
+        if weights.sum() <= 0:  # only zero-proportion classes have room left
+            weights = open_.astype(float)
+        want = left * weights / weights.sum()
+        add = np.floor(want).astype(np.int64)
+        remainder = left - add.sum()
+        if remainder:
+            add[np.argsort(-(want - add), kind="stable")[:remainder]] += 1
+        shares += add
+        over = shares > room
+        if not over.any():
+            return shares, capped
+        capped = True
+        shares = np.minimum(shares, room)
+
+
+def check_alpha(alpha: float) -> float:
+    """A Dirichlet concentration: a finite number above 0 (NaN, 0 and negatives are refused)."""
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise UserInputError(f"the Dirichlet alpha must be a finite number above 0, got {alpha}")
+    return alpha
 
 
 def sample_episodes(
@@ -161,17 +273,31 @@ def sample_episodes(
     episodes: int,
     seed: int = 0,
     class_names: list[str] | None = None,
+    query_balance: str = "balanced",
+    alpha: float = 2.0,
 ) -> Episodes:
     """Draw `episodes` episodes from integer `labels` with `numpy.random.default_rng(seed)`.
 
     Classes with fewer than `shots + queries` images are left out, with one warning naming them.
-    The same seed and labels give the same episodes on any machine.
+    The same seed and labels give the same episodes on any machine. `query_balance="dirichlet"`
+    splits each episode's `ways * queries` queries by Dirichlet(`alpha`) class proportions.
     """
     if episodes < 1:
         raise UserInputError(f"episodes must be at least 1, got {episodes}")
+    if query_balance not in QUERY_BALANCES:
+        raise UserInputError(
+            f"unknown query balance '{query_balance}'; choose one of {', '.join(QUERY_BALANCES)}"
+        )
     sampler = EpisodeSampler(labels, ways, shots, queries, class_names)
-    indices, classes = sampler.draw(np.random.default_rng(seed), episodes)
-    return Episodes(indices, classes, ways, shots, queries, seed)
+    rng = np.random.default_rng(seed)
+    if query_balance == "balanced":
+        indices, classes = sampler.draw(rng, episodes)
+        return Episodes(indices, classes, ways, shots, queries, seed)
+    alpha = check_alpha(alpha)
+    support, classes, query, query_labels, capped = sampler.draw_dirichlet(rng, episodes, alpha)
+    return Episodes(
+        support, classes, ways, shots, queries, seed, query, query_labels, capped, query_balance, alpha
+    )
 
 
 def split_episodes(
@@ -195,9 +321,21 @@ def split_episodes(
 
 
 def gather_episodes(
-    rows: torch.Tensor, index: torch.Tensor, shots: int
+    rows: torch.Tensor,
+    index: torch.Tensor,
+    shots: int,
+    query: torch.Tensor | None = None,
+    query_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`split_episodes(rows[index], shots)` for an index `[..., N, K+Q]` into `rows [M, *item]`,
-    gathering support and query rows directly (one copy, no intermediate `rows[index]`)."""
-    support, support_labels, query, query_labels = split_episodes(index, shots, item_dims=0)
+    gathering support and query rows directly (one copy, no intermediate `rows[index]`).
+
+    Imbalanced episodes: `index` is the support `[..., N, K]`, `query [..., T]` the query rows
+    and `query_labels [..., T]` their classes 0..N-1.
+    """
+    support, support_labels, balanced_query, balanced_labels = split_episodes(index, shots, item_dims=0)
+    if query is None:
+        query, query_labels = balanced_query, balanced_labels
+    elif query_labels is None or query_labels.shape != query.shape:
+        raise ValueError("imbalanced episodes need query labels of the query index's shape")
     return rows[support], support_labels, rows[query], query_labels

@@ -42,7 +42,8 @@ def test_eval_command_json_table_plot_and_reproducibility(tmp_path, capsys):
     assert a["seed"] == 3 and a["encoder"]["model"] == "tf_efficientnet_lite0"
     assert a["dataset"]["classes"] == 5 and a["dataset"]["images"] == 25
     row = a["results"][0]
-    assert set(row) == {"method", "ways", "shots", "queries", "episodes", "accuracy", "ci95"}
+    assert set(row) == {"method", "ways", "shots", "queries", "episodes", "query_balance", "accuracy", "ci95"}
+    assert a["query_balance"] == "balanced" and row["query_balance"] == "balanced"
     assert all(0 <= r["accuracy"] <= 1 and r["ci95"] >= 0 for r in a["results"])
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -42,22 +42,36 @@ def _episodes(count=4, n_way=5, shots=3, queries=4, seed=0):
 
 @pytest.fixture(scope="module")
 def head_checkpoint(tmp_path_factory):
-    """A tiny trained checkpoint folder, for every head that `needs_checkpoint` (the Siamese head)."""
+    """Tiny trained checkpoint folders, name -> folder, for every head that `needs_checkpoint`
+    (the Siamese head; the episodically trained heads of `protonets.training.heads`)."""
     from protonets.encoders import create_encoder
+    from protonets.heads.trained import save_head_checkpoint
     from protonets.siamese import save_siamese_checkpoint
     from protonets.siamese.training import train_head
+    from protonets.training.heads import TRAINED_PRESETS, train_episodic_head
 
     emb, labels = _clusters(classes=16, per_class=8, seed=9)
-    head = train_head(emb, labels, steps=150, classes=8, per_class=4)[0]
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("heads") / "siamese"
-    save_siamese_checkpoint(folder, create_encoder("conv4", pretrained=False), head)
-    return str(folder)
+    encoder = create_encoder("conv4", pretrained=False)
+    folders = {}
+    for name in NAMES:
+        if not HEADS[name].needs_checkpoint:
+            continue
+        folder = tmp_path_factory.mktemp("heads") / name
+        torch.manual_seed(0)
+        if name == "siamese":
+            head = train_head(emb, labels, steps=150, classes=8, per_class=4)[0]
+            save_siamese_checkpoint(folder, encoder, head)
+        else:
+            assert name in TRAINED_PRESETS, f"teach this fixture to make a checkpoint of '{name}'"
+            head = train_episodic_head(name, emb, labels, ways=5, shots=2, queries=4, steps=200, lr=3e-3)[0]
+            save_head_checkpoint(folder, encoder, head)
+        folders[name] = str(folder)
+    return folders
 
 
-def _head(name: str, checkpoint: str) -> Head:
+def _head(name: str, checkpoints: dict[str, str]) -> Head:
     """A fresh head of `name`: from its checkpoint folder if it needs one, else with defaults."""
-    return build_head(name, checkpoint if HEADS[name].needs_checkpoint else None)
+    return build_head(name, checkpoints.get(name))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -99,7 +113,7 @@ def test_batched_episode_logits_equal_per_episode_fit_forward(name, head_checkpo
 def test_evaluate_scores_each_episode_as_fit_forward_does(name, head_checkpoint):
     emb, labels = _clusters()
     episodes = sample_episodes(labels.numpy(), 5, 2, 3, 12, seed=0)
-    acc = evaluate(emb, episodes, name, head_checkpoint=head_checkpoint)
+    acc = evaluate(emb, episodes, name, head_checkpoint=head_checkpoint.get(name))
     assert acc.shape == (12,) and acc.mean() > 0.6
     for e in (0, 7):
         idx = torch.from_numpy(episodes.indices[e])  # [N, K+Q]
@@ -114,7 +128,7 @@ def test_evaluate_scores_each_episode_as_fit_forward_does(name, head_checkpoint)
 def test_classifier_on_embeddings_fits_saves_and_loads(name, head_checkpoint, tmp_path):
     support, labels, query, q_labels = (t[0].numpy() for t in _episodes(1, seed=3))
     names = np.array(["a", "b", "c", "d", "e"])
-    checkpoint = head_checkpoint if HEADS[name].needs_checkpoint else None
+    checkpoint = head_checkpoint.get(name)
     clf = FewShotClassifier(head=name, checkpoint=checkpoint).fit(support, names[labels])
     proba = clf.predict_proba(query)
     assert proba.shape == (20, 5)

@@ -66,6 +66,12 @@ def test_every_method_learns_separable_data(method):
 
         train_emb, train_labels = _clusters(seed=9, spread=0.3)
         options["head"] = train_head(train_emb, torch.from_numpy(train_labels), steps=150, classes=8)[0]
+    elif METHODS[method].needs_checkpoint:  # a head trained on frozen embeddings: train it here
+        from protonets.training.heads import train_episodic_head
+
+        train_emb, train_labels = _clusters(seed=9, spread=0.3)
+        head = train_episodic_head(method, train_emb, train_labels, ways=5, shots=2, steps=300, lr=3e-3)
+        options["head"] = head[0]
     assert evaluate(emb, ep, method, **options).mean() > 0.9
 
 

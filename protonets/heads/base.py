@@ -38,6 +38,7 @@ class Head(nn.Module):
     checkpoint_env: str | None = None  # `evaluate` falls back to this environment variable for DIR
     needs_grad = False  # fine-tunes at test time: the protocol runs under no_grad, not inference_mode
     transductive = False  # uses the whole query batch (the protocol passes it in any case)
+    assumes_balanced_queries = False  # transductive and expects as many queries in every class
     memory_budget = 256 << 20  # working memory of one chunk of episodes in the protocol (bytes)
 
     @classmethod

@@ -23,11 +23,21 @@ def transform_features(x: torch.Tensor, kind: str | None, center: torch.Tensor |
 
 
 def compute_prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Mean embedding per class: `[..., S, D]`, `[..., S]` -> `[..., N, D]` (batched or not)."""
-    onehot = F.one_hot(labels, n_way).to(support.dtype)  # [..., S, N]
-    sums = onehot.transpose(-1, -2) @ support  # [..., N, D]
-    counts = onehot.sum(-2).clamp_min(1).unsqueeze(-1)
-    return sums / counts
+    """Mean embedding per class: `[..., S, D]`, `[..., S]` -> `[..., N, D]` (batched or not).
+
+    Class sums by scatter-add (`index_add`) in the embeddings' dtype: time and memory linear in
+    S (a one-hot matrix product is S × N); episodes are offset to their own rows of one scatter.
+    """
+    size, dim = support.shape[-2], support.shape[-1]
+    flat = support.reshape(-1, dim)
+    lab = labels.reshape(-1, size).to(torch.int64)
+    offsets = torch.arange(lab.shape[0], device=lab.device).unsqueeze(1) * n_way
+    index = (lab + offsets).reshape(-1)
+    rows = lab.shape[0] * n_way
+    sums = flat.new_zeros(rows, dim).index_add(0, index, flat)
+    counts = flat.new_zeros(rows).index_add(0, index, flat.new_ones(index.shape[0]))
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    return means.reshape(*support.shape[:-2], n_way, dim)
 
 
 def prototype_logits(

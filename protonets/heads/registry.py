@@ -46,6 +46,16 @@ _REGISTRY: dict[str, HeadSpec] = {
     "maml": _line("protonets.maml.head:MAMLHead"),
     "siamese": _line("protonets.siamese.head:SiameseHead"),
     "temperature-prototype": _line("protonets.heads.temperature:TemperaturePrototypeHead"),
+    "matching": _line("protonets.heads.matching:MatchingHead"),
+    "relation": _line("protonets.heads.relation:RelationHead"),
+    "feat": _line("protonets.heads.feat:FEATHead"),
+    "bd-cspn": _line("protonets.heads.bd_cspn:BDCSPNHead"),
+    "laplacianshot": _line("protonets.heads.laplacianshot:LaplacianShotHead"),
+    "soft-kmeans": _line("protonets.heads.soft_kmeans:SoftKMeansHead"),
+    "tim": _line("protonets.heads.tim:TIMHead"),
+    "alpha-tim": _line("protonets.heads.alpha_tim:AlphaTIMHead"),
+    "pt-map": _line("protonets.heads.pt_map:PTMAPHead"),
+    "transductive-finetune": _line("protonets.heads.transductive_finetune:TransductiveFinetuneHead"),
 }
 
 

@@ -1,0 +1,60 @@
+"""Transductive fine-tuning head (Dhillon et al. 2020): prototypes fine-tuned by Adam on support
+cross-entropy + the entropy of the query predictions (easyfsl's head-only version)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .prototype import compute_prototypes
+from .transductive import TransductiveHead, adam_steps, entropy
+
+
+def distance_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """−temperature · ‖x − p‖ (Euclidean distance, not squared): `[E, M, D]`, `[E, N, D]`."""
+    sq = (
+        x.pow(2).sum(-1, keepdim=True)
+        - 2 * x @ prototypes.transpose(-1, -2)
+        + prototypes.pow(2).sum(-1).unsqueeze(-2)
+    )
+    return -temperature * sq.clamp_min(1e-12).sqrt()
+
+
+class TransductiveFinetuneHead(TransductiveHead):
+    """Loss per episode: CE(support) + mean entropy(query predictions), on the prototypes.
+
+    steps, lr, temperature: easyfsl's defaults (25 Adam steps of 5e-5, temperature 1): the
+    prototypes move little from the support means; raise `lr` for a stronger adaptation.
+    """
+
+    needs_grad = True
+
+    def __init__(self, steps: int = 25, lr: float = 5e-5, temperature: float = 1.0) -> None:
+        super().__init__()
+        if int(steps) < 0:
+            raise ValueError(f"steps must be >= 0 (0 = the prototype head), got {steps}")
+        if not float(lr) >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.steps, self.lr, self.temperature = int(steps), float(lr), float(temperature)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "temperature": self.temperature}
+
+    def episode_bytes(self, ways: int, shots: int, queries: int, dim: int) -> int:
+        return ways * (shots + queries) * dim * 24
+
+    def transduce(
+        self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
+        def loss(p: torch.Tensor) -> torch.Tensor:
+            ce = -distance_logits(s, p, self.temperature).log_softmax(-1).gather(-1, y.unsqueeze(-1))
+            ent = entropy(distance_logits(q, p, self.temperature).softmax(-1))
+            return ce.squeeze(-1).mean(-1).sum() + ent.mean(-1).sum()
+
+        with torch.inference_mode(False):
+            s, y, q = support.clone(), labels.clone(), query.clone()
+            prototypes = adam_steps(loss, compute_prototypes(s, y, n_way), self.steps, self.lr)
+            return distance_logits(q, prototypes, self.temperature)

@@ -1,15 +1,22 @@
 """On-disk embedding cache: each image is embedded once per encoder fingerprint.
 
 Layout: `ROOT/<fingerprint id>/` is a bundle (see `atomic.py`): `embeddings-<sha>.npy` (float32
-`[rows, D]`, memory-mapped on read) and `manifest.json` with the fingerprint and, per image key,
-its row, file size and mtime. A changed file (size or mtime) is embedded again; a damaged
-cache (checksum mismatch, unreadable manifest) is reported, removed and rebuilt, never used.
-Processes sharing a cache add rows under an exclusive lock (`ROOT/<fingerprint id>.lock`), each
-on top of what the others saved, so concurrent runs never drop each other's embeddings.
+`[rows, D]`, memory-mapped on read), `rows-<sha>.json` with, per image key, its row, file size and
+mtime, and `manifest.json` with the fingerprint (format 1 kept the rows in the manifest; it is
+still read). Keeping the rows out of the manifest makes its checksum cheap to verify. A changed
+file (size or mtime) is embedded again; a damaged cache (checksum mismatch, unreadable manifest)
+is reported, removed and rebuilt, never used. Processes sharing a cache add rows under an
+exclusive lock (`ROOT/<fingerprint id>.lock`), each on top of what the others saved, so concurrent
+runs never drop each other's embeddings. `ROOT/fingerprints/<key>.json` remembers an encoder's
+fingerprint and width by the weights files' path, size and mtime (plus model name, options and
+library versions), so a run whose images are all cached builds no model at all
+(`create_encoder(lazy=True)`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -20,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import load_bundle, save_bundle
+from .atomic import load_bundle, save_bundle, write_json_atomically
 from .encoder import Encoder
 from .errors import UserInputError
-from .images import ImageItem, as_item
+from .images import ImageItem, as_item, check_images
 
 try:
     import fcntl
@@ -33,7 +40,7 @@ except ImportError:  # pragma: no cover - Windows: no cross-process lock
 log = logging.getLogger(__name__)
 
 KIND = "protonets.EmbeddingCache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -44,11 +51,60 @@ def default_cache_dir() -> Path:
     return Path(base) / "protonets" / "embeddings"
 
 
-def _stat_key(item: ImageItem) -> tuple[str, list[int]]:
-    path = os.path.abspath(item.path)
-    st = os.stat(path)
-    key = path if item.rotation == 0 else f"{path}#rot{item.rotation:03d}"
-    return key, [st.st_size, st.st_mtime_ns]
+FINGERPRINTS = "fingerprints"
+
+
+def _fingerprint_path(root: str | os.PathLike[str] | None, key: dict[str, Any]) -> Path:
+    blob = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str).encode()
+    base = Path(root) if root is not None else default_cache_dir()
+    return base / FINGERPRINTS / f"{hashlib.sha256(blob).hexdigest()[:32]}.json"
+
+
+def known_fingerprint(
+    key: dict[str, Any], root: str | os.PathLike[str] | None = None
+) -> dict[str, Any] | None:
+    """The remembered {"fingerprint", "dim"} for `key` (see `remember_fingerprint`), or None."""
+    path = _fingerprint_path(root, key)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            entry = json.load(handle)
+        if entry["key"] == json.loads(json.dumps(key, default=str)):
+            return {"fingerprint": dict(entry["fingerprint"]), "dim": int(entry["dim"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: the model is built and the entry written again
+    return None
+
+
+def remember_fingerprint(
+    key: dict[str, Any], fingerprint: dict[str, Any], dim: int, root: str | os.PathLike[str] | None = None
+) -> None:
+    """Remember an encoder's fingerprint and width under `key` (weights files' path, size, mtime …)."""
+    path = _fingerprint_path(root, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(path, {"key": key, "fingerprint": fingerprint, "dim": int(dim)})
+    except OSError as exc:  # a read-only cache only costs speed
+        log.debug("cannot remember the encoder fingerprint in %s (%s)", path, exc)
+
+
+def forget_fingerprint(key: dict[str, Any], root: str | os.PathLike[str] | None = None) -> None:
+    try:
+        os.unlink(_fingerprint_path(root, key))
+    except OSError:
+        pass
+
+
+def _stat_key(item: ImageItem, seen: dict[str, tuple[str, list[int]]] | None = None) -> tuple[str, list[int]]:
+    """(cache key, [size, mtime_ns]) of an image; `seen` memoises per path (rotations share a file)."""
+    known = seen.get(item.path) if seen is not None else None
+    if known is None:
+        path = os.path.abspath(item.path)
+        st = os.stat(path)
+        known = (path, [st.st_size, st.st_mtime_ns])
+        if seen is not None:
+            seen[item.path] = known
+    path, stat = known
+    return (path if item.rotation == 0 else f"{path}#rot{item.rotation:03d}"), stat
 
 
 class EmbeddingCache:
@@ -74,7 +130,14 @@ class EmbeddingCache:
             array = np.load(files["embeddings.npy"], mmap_mode="r", allow_pickle=False)
             if array.ndim != 2 or array.dtype != np.float32 or array.shape[0] != manifest["count"]:
                 raise UserInputError(f"its array has shape {array.shape}, dtype {array.dtype}")
-            self._rows = {k: list(v) for k, v in manifest["rows"].items()}
+            if "rows.json" in files:
+                with open(files["rows.json"], encoding="utf-8") as handle:
+                    rows = json.load(handle)
+            else:  # format 1: the rows sat in the manifest
+                rows = manifest["rows"]
+            if not isinstance(rows, dict) or any(not 0 <= v[0] < array.shape[0] for v in rows.values()):
+                raise UserInputError("its row table does not fit its array")
+            self._rows = rows
             self._array = array
         except (UserInputError, KeyError, TypeError, ValueError) as exc:
             log.warning("embedding cache %s is damaged (%s); rebuilding it", self.directory, exc)
@@ -90,14 +153,17 @@ class EmbeddingCache:
             "format_version": FORMAT_VERSION,
             "fingerprint": self.encoder.fingerprint,
             "count": int(array.shape[0]),
-            "rows": self._rows,
         }
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as handle:
                 np.save(handle, array, allow_pickle=False)
 
-        save_bundle(self.directory, manifest, {"embeddings.npy": write})
+        def write_rows(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(self._rows, handle, separators=(",", ":"))
+
+        save_bundle(self.directory, manifest, {"embeddings.npy": write, "rows.json": write_rows})
         self._array = np.load(
             load_bundle(self.directory, KIND, FORMAT_VERSION)[1]["embeddings.npy"], mmap_mode="r"
         )
@@ -123,9 +189,10 @@ class EmbeddingCache:
         """
         items = [as_item(x) for x in images]
         keys = []
+        seen: dict[str, tuple[str, list[int]]] = {}
         for item in items:
             try:
-                keys.append(_stat_key(item))
+                keys.append(_stat_key(item, seen))
             except OSError:
                 raise UserInputError(f"{item.path}: no such image file") from None
         todo: list[int] = []
@@ -137,6 +204,8 @@ class EmbeddingCache:
                 todo.append(i)
         self.misses += len(todo)
         self.hits += len(items) - len(todo)
+        if not embed_kwargs.get("skip_bad"):  # a bad image is reported before any embedding
+            check_images([items[i] for i in todo])
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             desc = f"embedding {start + len(chunk)}/{len(todo)} new images"

@@ -5,18 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ImageLoadError, UserInputError
-from .images import ImageItem, open_image
-from .preprocess import build_transform
+from .images import ImageItem, check_image, open_image
 from .progress import progress_bar
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,19 @@ class Encoder:
         self.model = model.eval().to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.transform = build_transform(preprocessing)
+        self._transform: Any = None
         self.fingerprint = model_fingerprint(self.model, name, preprocessing)
         self.fingerprint_id = fingerprint_id(self.fingerprint)
         self._dim: int | None = None
+
+    @property
+    def transform(self) -> Any:
+        """The image preprocessing (PIL image -> tensor), built on first use (torchvision)."""
+        if self._transform is None:
+            from .preprocess import build_transform
+
+            self._transform = build_transform(self.preprocessing)
+        return self._transform
 
     @property
     def dim(self) -> int:
@@ -135,11 +145,17 @@ class Encoder:
         """Embed image files (or PIL images) in batches through a DataLoader.
 
         An unreadable image raises ImageLoadError naming the file, unless `skip_bad`, which logs a
-        warning and leaves it out (see `EmbeddingResult.kept`).
+        warning and leaves it out (see `EmbeddingResult.kept`). Without `skip_bad`, every file's
+        header is checked first, so a bad image is reported before any batch is embedded.
         """
         items = list(images)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not skip_bad:
+            for item in items:
+                problem = check_image(item)
+                if problem is not None:
+                    raise ImageLoadError(problem)
         workers = num_workers if len(items) > batch_size else 0
         loader = DataLoader(
             _ImageDataset(items, self.transform),
@@ -164,6 +180,49 @@ class Encoder:
                 bar.update(len(indices) + len(errors))
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
         return EmbeddingResult(embeddings, kept, failed)
+
+
+class LazyEncoder(Encoder):
+    """An Encoder whose fingerprint (and width) are already known, from the fingerprint cache
+    (see `create_encoder(lazy=True)`): the model is built only when something needs it, e.g. an
+    image that the embedding cache does not hold. Until then nothing of timm is imported."""
+
+    def __init__(
+        self,
+        build: Callable[[], Encoder],
+        name: str,
+        preprocessing: dict[str, Any],
+        fingerprint: dict[str, Any],
+        dim: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self._build = build
+        self.name = name
+        self.preprocessing = preprocessing
+        self.fingerprint = fingerprint
+        self.fingerprint_id = fingerprint_id(fingerprint)
+        self.device = torch.device(device)
+        self._dim = int(dim)
+        self._transform = None
+
+    @property
+    def built(self) -> bool:
+        """Whether the model has been built (some image had to be embedded)."""
+        return "_build" not in self.__dict__
+
+    def __getattr__(self, attr: str) -> Any:
+        """`model`, `channels_last` …: build the encoder on first use, then act as it."""
+        build = self.__dict__.pop("_build", None) if not attr.startswith("__") else None
+        if build is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+        real = build()
+        if real.fingerprint != self.fingerprint:
+            raise UserInputError(
+                f"the weights of encoder '{self.name}' changed while keeping their file size and "
+                "time; run the command again (the stale fingerprint was dropped)"
+            )
+        self.__dict__.update(real.__dict__)
+        return getattr(self, attr)
 
 
 def with_image_size(encoder: Encoder, image_size: int | None, resuming: bool = False) -> Encoder:

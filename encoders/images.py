@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from typing import TYPE_CHECKING
 
 from .errors import ImageLoadError
+
+if TYPE_CHECKING:  # Pillow and numpy are imported on first use: listing folders needs neither
+    from PIL import Image
 
 #: Images with more pixels than this are refused as decompression bombs (Pillow's own default).
 MAX_IMAGE_PIXELS = 89_478_485
@@ -44,11 +44,14 @@ def as_item(source: str | os.PathLike[str] | ImageItem) -> ImageItem:
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """True when the file name has a known image extension (case-insensitive)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode (1, L, P, RGBA, LA, CMYK, I;16, I, F, ...) to 8-bit RGB."""
+    import numpy as np
+    from PIL import Image
+
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -73,14 +76,13 @@ def open_image(source: str | os.PathLike[str] | ImageItem | Image.Image) -> Imag
 
     Decompression bombs (more than MAX_IMAGE_PIXELS pixels) are refused before decoding.
     """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source))
     item = as_item(source)
     path = item.path
-    if not os.path.isfile(path):
-        raise ImageLoadError(f"{path}: no such image file")
-    if os.path.getsize(path) == 0:
-        raise ImageLoadError(f"{path}: the file is empty (0 bytes); replace or remove it")
+    _check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -100,6 +102,8 @@ def open_image(source: str | os.PathLike[str] | ImageItem | Image.Image) -> Imag
         raise ImageLoadError(f"{path}: refused as a possible decompression bomb ({exc})") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except PermissionError:
+        raise ImageLoadError(_denied(path)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{path}: cannot decode the image ({exc}); is it truncated?") from None
     if item.rotation % 360:
@@ -108,14 +112,80 @@ def open_image(source: str | os.PathLike[str] | ImageItem | Image.Image) -> Imag
     return rgb
 
 
+def _denied(path: str) -> str:
+    return f"{path}: permission denied; make the file readable (chmod a+r) or remove it"
+
+
+def _check_file(path: str) -> None:
+    """A file that exists, is not empty and may be read; else ImageLoadError naming the fault."""
+    try:
+        size = os.stat(path).st_size
+    except PermissionError:
+        raise ImageLoadError(f"{path}: permission denied (its folder cannot be searched)") from None
+    except OSError:
+        raise ImageLoadError(f"{path}: no such image file") from None
+    if not os.path.isfile(path):
+        raise ImageLoadError(f"{path}: not a file")
+    if size == 0:
+        raise ImageLoadError(f"{path}: the file is empty (0 bytes); replace or remove it")
+    if not os.access(path, os.R_OK):
+        raise ImageLoadError(_denied(path))
+
+
+def check_image(source: str | os.PathLike[str] | ImageItem | Image.Image) -> str | None:
+    """A cheap check of an image file before any embedding starts: it exists, is not empty, may
+    be read, and its header names a known format of acceptable size (no pixels are decoded).
+    Returns the problem (one sentence naming the file), or None when the file looks fine."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return None
+    path = as_item(source).path
+    try:
+        _check_file(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # reads the header only
+                width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            return (
+                f"{path}: refused, {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
+                "(possible decompression bomb); resize the image"
+            )
+    except ImageLoadError as exc:
+        return str(exc)
+    except PermissionError:
+        return _denied(path)
+    except Image.DecompressionBombError:
+        return f"{path}: refused as a possible decompression bomb; resize the image"
+    except UnidentifiedImageError:
+        return f"{path}: not a readable image (unknown or corrupt format)"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"{path}: cannot read the image header ({exc})"
+    return None
+
+
+def check_images(sources: list, skip_bad: bool = False) -> list[int]:
+    """Header-check every image (see `check_image`) before long work starts. The first problem is
+    an ImageLoadError unless `skip_bad`; returns the indices of the images that failed."""
+    bad = []
+    for i, source in enumerate(sources):
+        problem = check_image(source)
+        if problem is not None:
+            if not skip_bad:
+                raise ImageLoadError(problem)
+            bad.append(i)
+    return bad
+
+
 def list_images(folder: str | os.PathLike[str]) -> list[str]:
     """The image files directly inside a folder, sorted by name (hidden files left out)."""
     folder = os.fspath(folder)
-    return sorted(
-        os.path.join(folder, name)
-        for name in os.listdir(folder)
-        if not name.startswith(".") and is_image_file(name) and os.path.isfile(os.path.join(folder, name))
-    )
+    with os.scandir(folder) as entries:  # the directory entry's type: no stat per file
+        names = [
+            e.name for e in entries if not e.name.startswith(".") and is_image_file(e.name) and e.is_file()
+        ]
+    return [os.path.join(folder, name) for name in sorted(names)]
 
 
 def walk_images(folder: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
@@ -149,4 +219,3 @@ def walk_images(folder: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
 
     visit(os.fspath(folder), frozenset())
     return images, problems
-

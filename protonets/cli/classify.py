@@ -5,18 +5,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protonets.encoders import resolve_device
+from protonets.encoders.errors import UserInputError
 
-from ..classifier import FewShotClassifier
-from ..heads import HEADS
+from ..heads import HEADS  # the registry's names: nothing heavy is imported
 from .common import (
     add_encoder_options,
+    check_inputs,
+    log,
     non_negative_int,
     positive_int,
     probability,
     query_paths,
     support_folder,
     write_rows,
+)
+
+#: for --help without importing torch (tests check it against the heads' declarations)
+TRANSDUCTIVE = (
+    "alpha-tim",
+    "bd-cspn",
+    "laplacianshot",
+    "pt-map",
+    "soft-kmeans",
+    "tim",
+    "transductive-finetune",
 )
 
 
@@ -41,7 +53,11 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         choices=sorted(HEADS),
         metavar="HEAD",
         help=f"classification head: one of {', '.join(sorted(HEADS))} (default: %(default)s; "
-        "siamese: --checkpoint is its Siamese checkpoint folder)",
+        "siamese: --checkpoint is its Siamese checkpoint folder). A transductive head "
+        f"({', '.join(TRANSDUCTIVE)}) uses all the QUERY images of this call as its unlabelled batch "
+        "(needs 2 or more; answers depend on the batch); with --threshold, queries below it are "
+        "answered unknown and left out of that refinement. pt-map and tim assume every class has "
+        "as many queries as the others: for a batch that may be imbalanced use alpha-tim",
     )
     p.add_argument("--metric", choices=["euclidean", "cosine"], default="cosine")
     p.add_argument(
@@ -66,6 +82,22 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
 def run(args: argparse.Namespace) -> int:
     support, labels = support_folder(args.support, skip_bad=args.skip_bad)
     queries = query_paths(args.queries, skip_bad=args.skip_bad)
+    # every input is checked (cheaply) before the model is built and anything is embedded
+    device, support, labels, queries = check_inputs(args, support, labels, queries)
+    from ..classifier import FewShotClassifier
+
+    head = HEADS[args.head]
+    if head.transductive and len(queries) < 2:
+        raise UserInputError(
+            f"--head {args.head} is transductive: it needs 2 or more QUERY images (its unlabelled "
+            f"batch), got {len(queries)}; pass more queries or use an inductive head such as prototype"
+        )
+    if head.assumes_balanced_queries:
+        log.warning(
+            "--head %s assumes each class has the same number of queries, which this batch may not "
+            "have; for a possibly imbalanced batch use alpha-tim (or an inductive head)",
+            args.head,
+        )
     clf = FewShotClassifier(
         encoder=args.encoder,
         checkpoint=args.checkpoint,
@@ -75,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         batch_size=args.batch_size,
         num_workers=args.workers,
-        device=resolve_device(args.device),
+        device=device,
         skip_bad=args.skip_bad,
         progress=not args.quiet,
         steps=args.steps,
@@ -85,16 +117,21 @@ def run(args: argparse.Namespace) -> int:
     embedded = clf.embed(queries, desc="queries")
     kept = [queries[i] for i in embedded.kept]
     rows = []
-    if kept:
-        top = clf.predict_top_k(embedded.embeddings, k=args.top_k)
-        predicted = clf.predict(embedded.embeddings)
-        for path, label, pairs in zip(kept, predicted, top):
+    if head.transductive and len(kept) < 2:
+        raise UserInputError(f"--head {args.head} needs 2 or more readable QUERY images, got {len(kept)}")
+    if kept:  # one predict_proba: a transductive head refines the classes once, with every query
+        proba = clf.predict_proba(embedded.embeddings)
+        for path, row in zip(kept, proba):
+            order = sorted(range(len(row)), key=lambda j: -row[j])[: args.top_k]
+            label = clf.classes_[order[0]]
+            if args.threshold is not None and row[order[0]] < args.threshold:
+                label = clf.unknown_label
             rows.append(
                 {
                     "query": path,
                     "label": str(label),
-                    "probability": round(pairs[0][1], 6),
-                    "top_k": [[str(c), round(p, 6)] for c, p in pairs],
+                    "probability": round(float(row[order[0]]), 6),
+                    "top_k": [[str(clf.classes_[j]), round(float(row[j]), 6)] for j in order],
                 }
             )
     write_rows(rows, args.format, sys.stdout)

@@ -10,9 +10,9 @@ import os
 import re
 from typing import Any, TextIO
 
-from protonets.encoders import DEFAULT_ENCODER
+from protonets.encoders.defaults import DEFAULT_ENCODER
 from protonets.encoders.errors import UserInputError
-from protonets.encoders.images import walk_images
+from protonets.encoders.images import check_images, walk_images
 
 log = logging.getLogger("protonets.cli")
 
@@ -33,6 +33,54 @@ def add_encoder_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     group.add_argument("--workers", type=non_negative_int, default=2, help="image decoding processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or warnings")
+
+
+def check_inputs(
+    args: argparse.Namespace, support: list[str], labels: list[str], queries: list[str]
+) -> tuple[str, list[str], list[str], list[str]]:
+    """Check every input before a model is built or an image embedded: --device, --checkpoint,
+    and a header check of every support and query image (an error naming the first bad one; with
+    --skip-bad a warning each, and they are left out). Returns (device, support, labels, queries)."""
+    device = check_device_and_checkpoint(args)
+    skip_bad = getattr(args, "skip_bad", False)
+    everything = support + queries
+    bad = set(check_images(everything, skip_bad=skip_bad))
+    if bad:
+        from protonets.encoders.images import check_image
+
+        for i in sorted(bad):
+            log.warning("skipped: %s", check_image(everything[i]))
+        n = len(support)
+        support, labels = (
+            [p for i, p in enumerate(support) if i not in bad],
+            [label for i, label in enumerate(labels) if i not in bad],
+        )
+        queries = [q for j, q in enumerate(queries) if n + j not in bad]
+    return device, support, labels, queries
+
+
+def check_device_and_checkpoint(args: argparse.Namespace) -> str:
+    """The checked `--device` name; `--checkpoint` checked as a weights file or checkpoint folder."""
+    from protonets.encoders.device import resolve_device
+    from protonets.encoders.factory import check_checkpoint
+
+    device = resolve_device(args.device)
+    check_checkpoint(getattr(args, "checkpoint", None))
+    return device
+
+
+def check_output_paths(*paths: str | None) -> None:
+    """Output files (--output, --plot …) must be writable where they go: checked before work."""
+    for path in paths:
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise UserInputError(f"output '{path}' is a folder; give a file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UserInputError(f"output '{path}': its folder '{folder}' does not exist; create it first")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise UserInputError(f"output '{path}': permission denied; choose a writable place")
 
 
 def positive_int(text: str) -> int:

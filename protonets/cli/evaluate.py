@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-from protonets.encoders import create_encoder, resolve_device
+from protonets.encoders.factory import create_encoder
 
-from .common import add_encoder_options, non_negative_int, positive_int
+from .common import (
+    add_encoder_options,
+    check_device_and_checkpoint,
+    check_output_paths,
+    non_negative_int,
+    positive_int,
+)
+
+
+def dirichlet_alpha(text: str) -> float:
+    """argparse type of --dirichlet-alpha: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got '{text}'") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
@@ -29,6 +47,22 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p.add_argument("--queries", type=positive_int, default=15)
     p.add_argument("--episodes", type=positive_int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--query-balance",
+        choices=["balanced", "dirichlet"],
+        default="balanced",
+        help="balanced: --queries queries per class; dirichlet: each episode's ways × queries "
+        "queries split across its classes by Dirichlet(--dirichlet-alpha) proportions, as in "
+        "realistic transductive evaluation (Veilleux et al. 2021); every method sees the same "
+        "episodes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dirichlet-alpha",
+        type=dirichlet_alpha,
+        default=2.0,
+        help="Dirichlet concentration for --query-balance dirichlet: smaller is more imbalanced "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--method",
         nargs="+",
@@ -62,9 +96,11 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from protonets.encoders.errors import UserInputError
     from protonets.episodes import usable_classes
     from protonets.eval.datasets import load_dataset
     from protonets.eval.meta import MetaEpisodes, is_meta_checkpoint
+    from protonets.eval.protocol import checkpoint_folder
     from protonets.eval.report import markdown_table, plot_accuracy, write_results
     from protonets.eval.run import embed_dataset, run_evaluation
 
@@ -72,13 +108,21 @@ def run(args: argparse.Namespace) -> int:
     for ways in args.ways:  # refuse impossible settings before the (long) embedding pass
         for shots in args.shots:
             usable_classes(dataset.labels, ways, shots + args.queries, warn=False)
-    device = resolve_device(args.device)
+    device = check_device_and_checkpoint(args)  # device, checkpoint and output paths: before work
+    check_output_paths(args.output, args.plot)
     # every method's head keeps the options its constructor takes (None: the head's default)
     options = {"k": args.knn_k, "steps": args.maml_steps, "head_checkpoint": args.head_checkpoint}
     method_options = {method: dict(options) for method in args.method}
+    for method in args.method:  # a trained head without its folder: refuse before embedding
+        checkpoint_folder(method, args.head_checkpoint)
     encoder = None
     if is_meta_checkpoint(args.checkpoint) and any(map(MetaEpisodes.replaces, args.method)):
         # a meta-trained learner adapts on each episode's images, as it was trained to
+        if args.query_balance != "balanced":
+            raise UserInputError(
+                "a meta-trained MAML checkpoint is evaluated on balanced episodes only; drop "
+                "--query-balance dirichlet or --method maml"
+            )
         meta = MetaEpisodes.load(args.checkpoint, dataset.items, device, steps=args.maml_steps)
         for ways in args.ways:
             meta.check_ways(ways)
@@ -86,7 +130,14 @@ def run(args: argparse.Namespace) -> int:
             method_options[method]["meta"] = meta
         encoder = meta.encoder  # the checkpoint folder names the model
     if encoder is None:
-        encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device)
+        # lazy: with every image cached (and the weights' fingerprint known), no model is built
+        encoder = create_encoder(
+            args.encoder,
+            checkpoint_path=args.checkpoint,
+            device=device,
+            lazy=not args.no_cache,
+            fingerprint_cache=args.cache_dir,
+        )
     embeddings = embed_dataset(
         dataset,
         encoder,
@@ -108,11 +159,14 @@ def run(args: argparse.Namespace) -> int:
         class_names=dataset.class_names,
         progress=not args.quiet,
         method_options=method_options,
+        query_balance=args.query_balance,
+        alpha=args.dirichlet_alpha,
     )
     document = {
         "results": results,
         "encoder": encoder.fingerprint,
         "seed": args.seed,
+        "query_balance": args.query_balance,
         "dataset": {
             "name": dataset.name,
             "split": args.split,
@@ -120,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
             "images": len(dataset),
         },
     }
+    if args.query_balance == "dirichlet":
+        document["dirichlet_alpha"] = args.dirichlet_alpha
     print(markdown_table(results))
     if args.output:
         write_results(args.output, document)

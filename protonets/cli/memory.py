@@ -12,17 +12,19 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from protonets.encoders import DEFAULT_ENCODER, Encoder, create_encoder, resolve_device
 from protonets.encoders.atomic import MANIFEST, check_bundle_target, sha256_file
+from protonets.encoders.defaults import DEFAULT_ENCODER
 from protonets.encoders.errors import UserInputError
 
-from ..memory import INDEX_KINDS, METRICS, MODES, SupportMemory
-from ..memory.store import KIND
-from .common import add_encoder_options, class_images, positive_int, query_paths, write_rows
+from ..memory.options import INDEX_KINDS, KIND, METRICS, MODES  # no faiss: --help stays quick
+from .common import add_encoder_options, check_inputs, class_images, positive_int, query_paths, write_rows
+
+if TYPE_CHECKING:  # torch and faiss are imported when a command runs, not for --help
+    from protonets.encoders import Encoder
+
+    from ..memory import SupportMemory
 
 log = logging.getLogger("protonets.cli")
 
@@ -116,7 +118,9 @@ def _hashes(paths: list[str]) -> list[str]:
     return out
 
 
-def _encoder(args: argparse.Namespace, memory_dir: str | None = None) -> Encoder:
+def _encoder(args: argparse.Namespace, memory_dir: str | None = None, device: str = "cpu") -> Encoder:
+    from protonets.encoders.factory import create_encoder
+
     name = args.encoder
     if name is None and memory_dir is not None:
         try:
@@ -124,9 +128,7 @@ def _encoder(args: argparse.Namespace, memory_dir: str | None = None) -> Encoder
                 name = (json.load(handle).get("encoder_fingerprint") or {}).get("model")
         except (OSError, ValueError, AttributeError):
             name = None  # SupportMemory.load reports what is wrong with the folder
-    return create_encoder(
-        name or DEFAULT_ENCODER, checkpoint_path=args.checkpoint, device=resolve_device(args.device)
-    )
+    return create_encoder(name or DEFAULT_ENCODER, checkpoint_path=args.checkpoint, device=device)
 
 
 def _embed(encoder: Encoder, paths: list[str], args: argparse.Namespace, desc: str):
@@ -148,8 +150,11 @@ def run_build(args: argparse.Namespace) -> int:
         )
     check_bundle_target(args.directory, KIND)
     paths, labels = class_folders(args.support, skip_bad=args.skip_bad)
+    device, paths, labels, _ = check_inputs(args, paths, labels, [])  # before any model is built
     hashes = _hashes(paths)
-    encoder = _encoder(args)
+    from ..memory import SupportMemory
+
+    encoder = _encoder(args, device=device)
     result = _embed(encoder, paths, args, "support")
     memory = SupportMemory(
         encoder.dim, metric=args.metric, index=args.index, encoder_fingerprint=encoder.fingerprint
@@ -162,8 +167,11 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_add(args: argparse.Namespace) -> int:
     paths, labels = class_folders(args.support, skip_bad=args.skip_bad)
+    device, paths, labels, _ = check_inputs(args, paths, labels, [])  # before any model is built
     hashes = _hashes(paths)
-    encoder = _encoder(args, args.directory)
+    from ..memory import SupportMemory
+
+    encoder = _encoder(args, args.directory, device)
     snapshot = SupportMemory.load(args.directory, encoder=encoder)  # checks before embedding
     new = list(range(len(paths)))
     if not args.allow_duplicates:
@@ -190,6 +198,8 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_rename(args: argparse.Namespace) -> int:
+    from ..memory import SupportMemory
+
     with SupportMemory.updating(args.directory) as memory:
         old: str | int = args.old
         if old not in memory.classes and args.old.lstrip("-").isdigit() and int(args.old) in memory.classes:
@@ -200,8 +210,13 @@ def run_rename(args: argparse.Namespace) -> int:
 
 
 def run_query(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..memory import SupportMemory
+
     queries = query_paths(args.queries, skip_bad=args.skip_bad)
-    encoder = _encoder(args, args.directory)
+    device, _, _, queries = check_inputs(args, [], [], queries)  # before any model is built
+    encoder = _encoder(args, args.directory, device)
     memory = SupportMemory.load(args.directory, encoder=encoder)
     result = _embed(encoder, queries, args, "queries")
     rows: list[dict[str, Any]] = []
@@ -233,6 +248,8 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from ..memory import SupportMemory
+
     memory = SupportMemory.load(args.directory)
     info = {"directory": args.directory, **memory.info(), "class_counts": memory.class_counts()}
     if args.format == "json":

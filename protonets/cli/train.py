@@ -8,13 +8,10 @@ import os
 import sys
 from typing import Any
 
-import torch
-
-from protonets.encoders import DEFAULT_ENCODER, create_encoder, resolve_device, with_image_size
-from protonets.encoders.checkpoint import read_checkpoint_dir
+from protonets.encoders import DEFAULT_ENCODER, resolve_device
 from protonets.encoders.errors import UserInputError
 
-from . import train_maml, train_siamese
+from . import train_heads, train_maml, train_siamese
 from .common import positive_int
 from .train_setup import DEFAULTS, check_output, given_options, load_images, splits
 
@@ -29,10 +26,14 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         description="Episodic training of ProtoNet (Snell et al. 2017), a Siamese head or the MAML "
         "family: N-way K-shot episodes, Adam with a step learning-rate schedule, validation "
         "episodes, best-checkpoint selection and resume. Writes DIR/manifest.json + weights (load "
-        "with --checkpoint DIR), DIR/train_log.jsonl and DIR/resume/. With --freeze-encoder (siamese, "
-        "anil) only the head trains, on cached embeddings, in minutes: no DIR/resume/.",
+        "with --checkpoint DIR), DIR/train_log.jsonl and DIR/resume/. With --freeze-encoder (siamese, anil, "
+        "matching, relation, feat) only the head trains, on cached embeddings, in minutes: no DIR/resume/.",
     )
-    p.add_argument("--method", choices=["protonet", "siamese", *train_maml.METHODS], default="protonet")
+    p.add_argument(
+        "--method",
+        choices=["protonet", "siamese", *train_maml.METHODS, *train_heads.METHODS],
+        default="protonet",
+    )
     p.add_argument("--dataset", choices=["folder", "omniglot", "csv"], default="folder")
     p.add_argument("--data", required=True, help="dataset root folder (images)")
     p.add_argument(
@@ -65,7 +66,8 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     g.add_argument(
         "--freeze-encoder",
         action="store_true",
-        help="siamese, anil: train the head alone on the frozen --encoder's cached embeddings "
+        help="siamese, anil, matching, relation, feat: train the head alone on the frozen "
+        "--encoder's cached embeddings "
         f"(default encoder: {DEFAULT_ENCODER}, pretrained)",
     )
     g.add_argument("--cache-dir", default=None, help="embedding cache for --freeze-encoder")
@@ -96,15 +98,22 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or warnings")
     train_siamese.add_train_options(p)  # --method siamese
     train_maml.add_train_options(p)  # --method maml|fomaml|anil
+    train_heads.add_train_options(p)  # --method matching|relation|feat
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from protonets.encoders import create_encoder, with_image_size
+    from protonets.encoders.checkpoint import read_checkpoint_dir
     from protonets.training import EpisodicTrainer, TrainConfig
     from protonets.training.checkpoint import load_state
 
     if args.method == "siamese":  # the Siamese head's own branch (cli/train_siamese.py)
         return train_siamese.run(args)
+    if args.method in train_heads.METHODS:  # a trainable head alone (cli/train_heads.py)
+        return train_heads.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.freeze_encoder and args.method != "anil":

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from protonets.encoders import Encoder
-from protonets.maml.train import METHODS, MetaConfig, MetaTrainer
-from protonets.training import ImageSet, TrainConfig
+from protonets.maml.options import METHODS
+
+if TYPE_CHECKING:
+    from protonets.encoders import Encoder
+    from protonets.maml.train import MetaConfig, MetaTrainer
+    from protonets.training import ImageSet, TrainConfig
 
 from .train_setup import frozen_embeddings
 
@@ -41,6 +44,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def meta_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> MetaConfig:
     """MetaConfig from the command line, or from a resumed run's state manifest (`saved`)."""
+    from protonets.maml.train import MetaConfig
+
     if saved is not None:
         return MetaConfig.from_dict(saved["maml"])
     given = {
@@ -64,6 +69,8 @@ def make_trainer(
     **kwargs: Any,
 ) -> MetaTrainer:
     """The `MetaTrainer` for `protonets train --method maml|fomaml|anil` (kwargs as EpisodicTrainer's)."""
+    from protonets.maml.train import MetaTrainer
+
     return MetaTrainer(
         encoder, train, val, config, meta_config(args, saved), output=os.fspath(args.output), **kwargs
     )

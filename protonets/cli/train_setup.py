@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from protonets.encoders import DEFAULT_ENCODER, Encoder, create_encoder, with_image_size
+from protonets.encoders import DEFAULT_ENCODER
 from protonets.encoders.atomic import check_bundle_target
-from protonets.encoders.checkpoint import CHECKPOINT_KIND
 from protonets.encoders.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from protonets.encoders import Encoder
 
 #: Per-dataset defaults: the paper's Omniglot setting; a small-data setting elsewhere.
 DEFAULTS = {
@@ -81,6 +83,8 @@ def check_output(args: argparse.Namespace) -> None:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserInputError(f"--output '{args.output}' exists and is not a folder")
     if not held:  # a new run: refuse a folder of the user's own files before training starts
+        from protonets.encoders.checkpoint import CHECKPOINT_KIND
+
         check_bundle_target(args.output, CHECKPOINT_KIND)
 
 
@@ -93,6 +97,9 @@ def frozen_embeddings(
     `--image-size`; embeddings and labels are keyed 'train' (and 'val' with a validation split)
     and come through the embedding cache (`--cache-dir`).
     """
+    import torch
+
+    from protonets.encoders import create_encoder, with_image_size
     from protonets.eval.datasets import load_dataset
     from protonets.eval.run import embed_dataset
 

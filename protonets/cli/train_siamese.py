@@ -12,9 +12,7 @@ import os
 import time
 from typing import Any
 
-import torch
-
-from protonets.encoders import create_encoder, resolve_device, with_image_size
+from protonets.encoders import resolve_device
 from protonets.encoders.errors import UserInputError
 
 from .train_setup import check_output, frozen_embeddings, given_options, load_images, splits
@@ -94,6 +92,9 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
 def run(args: argparse.Namespace) -> int:
     """`protonets train --method siamese ...`."""
 
+    import torch
+
+    from protonets.encoders import create_encoder, with_image_size
     from protonets.siamese.training import SiameseConfig, SiameseTrainer
 
     if args.threads:
@@ -155,6 +156,8 @@ def calibrate_on_images(
     trainer: Any, val: Any, far: float, seed: int, output: str | None
 ) -> dict[str, float]:
     """Calibrate a trained `SiameseTrainer`'s head on pairs of the validation images; re-save."""
+    import torch
+
     from protonets.siamese.checkpoint import save_siamese_checkpoint
     from protonets.siamese.training import random_pairs
     from protonets.training import to_input

@@ -8,9 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from protonets.encoders import resolve_device
 from protonets.encoders.errors import UserInputError
 
 #: The Siamese checkpoint committed with the repository (Omniglot characters).
@@ -41,8 +38,10 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protonets.siamese import load_siamese
+    from protonets.encoders.device import resolve_device
+    from protonets.encoders.images import check_images
 
+    device = resolve_device(args.device)  # a device name that cannot run is refused before torch
     checkpoint = args.checkpoint or str(DEFAULT_CHECKPOINT)
     if not os.path.isdir(checkpoint):
         raise UserInputError(
@@ -54,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError(f"image '{path}' does not exist")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise UserInputError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
-    encoder, head, manifest = load_siamese(checkpoint, device=resolve_device(args.device))
+    check_images([args.image1, args.image2])  # empty, unreadable or not an image: said now
+    import torch
+
+    from protonets.siamese import load_siamese
+
+    encoder, head, manifest = load_siamese(checkpoint, device=device)
     result = encoder.embed([args.image1, args.image2], progress=False, num_workers=0)
     emb = result.embeddings
     with torch.inference_mode():

@@ -34,8 +34,8 @@ from ..stats import mean_ci95
 from ..training import ImageSet, TrainConfig, augment, preload_images, to_input
 from ..training.trainer import DictConfig, EpisodicTrainer, ImageEpisodes, prefixed
 from .learner import MetaLearner, TaskBatch
+from .options import METHODS
 
-METHODS = ("maml", "fomaml", "anil")
 LEARNER_KIND = "protonets.MetaLearner"
 LEARNER_FORMAT_VERSION = 1
 LEARNER_DIR = "maml"

@@ -7,6 +7,23 @@ labels, scores = memory.classify(queries)  # nearest prototype; mode="knn" for k
 memory.save("catalogue.mem"); SupportMemory.load("catalogue.mem", encoder=encoder)
 """
 
-from .store import FORMAT_VERSION, INDEX_KINDS, METRICS, MODES, SupportMemory
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .options import FORMAT_VERSION, INDEX_KINDS, METRICS, MODES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import SupportMemory
+
+
+def __getattr__(name: str) -> Any:
+    """`SupportMemory` (and faiss with it) is imported on first use (PEP 562)."""
+    if name == "SupportMemory":
+        from .store import SupportMemory
+
+        return SupportMemory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["FORMAT_VERSION", "INDEX_KINDS", "METRICS", "MODES", "SupportMemory"]

@@ -33,12 +33,7 @@ from protonets.encoders.atomic import bundle_lock, check_bundle_target, load_bun
 from . import indexes
 from ._inputs import as_labels, as_matrix, normalized
 from .indexes import IndexParams
-
-FORMAT_VERSION = 1
-KIND = "protonets.SupportMemory"
-METRICS = ("cosine", "l2")
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
-MODES = ("prototype", "knn")
+from .options import FORMAT_VERSION, INDEX_KINDS, KIND, METRICS, MODES  # noqa: F401 - re-exported
 
 _QUERY_BLOCK = 256  # queries per exact-search block
 _ROW_BLOCK = 131_072  # support rows per exact-search block (256 × 131072 floats = 128 MiB)
@@ -83,6 +78,17 @@ class _RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> None:
+    """An int parameter >= `low` (None too when `none_ok`): TypeError / ValueError naming it."""
+    if value is None and none_ok:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        kind = "an int or None" if none_ok else "an int"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 def _name_array(names: list[str | int]) -> np.ndarray:
@@ -133,8 +139,30 @@ class SupportMemory:
         expected_size: int | None = None,
         encoder_fingerprint: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        _check_int("dim", dim, 1)
+        for name, value, low in (
+            ("nlist", nlist, 1),
+            ("nprobe", nprobe, 1),
+            ("pq_m", pq_m, 1),
+            ("rerank", rerank, 0),
+            ("expected_size", expected_size, 1),
+        ):
+            _check_int(name, value, low, none_ok=True)
+        for name, value, low in (
+            ("hnsw_m", hnsw_m, 2),
+            ("ef_search", ef_search, 1),
+            ("exact_limit", exact_limit, 0),
+        ):
+            _check_int(name, value, low)
+        if not isinstance(keep_vectors, (bool, np.bool_)):
+            raise TypeError(f"keep_vectors must be True or False, got {keep_vectors!r}")
+        if encoder_fingerprint is not None and not isinstance(encoder_fingerprint, dict):
+            raise TypeError(
+                f"encoder_fingerprint must be a dict or None, got {type(encoder_fingerprint).__name__}"
+            )
+        if not isinstance(metric, str) or not isinstance(index, str):
+            bad, value = ("metric", metric) if not isinstance(metric, str) else ("index", index)
+            raise TypeError(f"{bad} must be a str, got {type(value).__name__}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if index not in INDEX_KINDS:
@@ -148,9 +176,6 @@ class SupportMemory:
             raise ValueError("rerank needs the raw vectors: set keep_vectors=True or rerank=0")
         if pq_m is not None and dim % pq_m:
             raise ValueError(f"pq_m={pq_m} must divide dim={dim}")
-        for name, value in (("nlist", nlist), ("nprobe", nprobe), ("pq_m", pq_m)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
         self.dim = int(dim)
         self.metric = metric
         self.index_kind = index
@@ -330,9 +355,7 @@ class SupportMemory:
                 return
             target = self._slots.get(new)
             if target is not None and self._counts[target] > 0:
-                raise UserInputError(
-                    f"class {new!r} already exists; remove it first or choose another name"
-                )
+                raise UserInputError(f"class {new!r} already exists; remove it first or choose another name")
             if target is None:
                 del self._slots[old]
                 self._slots[new] = slot

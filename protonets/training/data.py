@@ -13,20 +13,22 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torchvision import transforms as T
 
 from protonets.encoders import ImageItem, open_image
 from protonets.encoders.errors import UserInputError
-from protonets.encoders.preprocess import build_transform
 from protonets.encoders.progress import progress_bar
+
+if TYPE_CHECKING:  # torchvision is imported when images are preprocessed, not with the module
+    from torchvision import transforms as T
+
+from .options import AUGMENTATIONS  # noqa: E402,F401  (re-exported: data's old home)
 
 log = logging.getLogger(__name__)
 
-AUGMENTATIONS = ("none", "flip", "shift", "flip+shift")
 
 
 @dataclass
@@ -60,6 +62,10 @@ class ImageSet:
 
 
 def _unnormalised_transform(preprocessing: dict[str, Any]) -> T.Compose:
+    from torchvision import transforms as T
+
+    from protonets.encoders.preprocess import build_transform
+
     steps = build_transform(preprocessing).transforms
     if not isinstance(steps[-1], T.Normalize):  # pragma: no cover - guards a change in preprocess.py
         raise RuntimeError("build_transform no longer ends with Normalize; update preload_images")

@@ -84,7 +84,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         "head": [str],
         "metric": [StrOptions({"cosine", "euclidean"})],
         "feature_transform": [StrOptions({"l2n", "cl2n"}), None],
-        "scale": [Interval(numbers.Real, 0, None, closed="neither")],
+        "scale": [Interval(numbers.Real, 0, None, closed="neither"), None],
         "threshold": [Interval(numbers.Real, 0, 1, closed="both"), None],
         "unknown_label": "no_validation",
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -111,7 +111,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         head: str = "prototype",
         metric: str = "cosine",
         feature_transform: str | None = None,
-        scale: float = 10.0,
+        scale: float | None = None,
         threshold: float | None = None,
         unknown_label: Any = "unknown",
         batch_size: int = 32,
@@ -235,13 +235,15 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         needs_checkpoint = cls.needs_checkpoint
         if needs_checkpoint and (self.checkpoint is None or not os.path.isdir(self.checkpoint)):
             raise UserInputError(f"head={self.head!r} needs checkpoint=DIR, {cls.checkpoint_hint}")
-        options = {
+        options = {  # None: the head's own default
             "metric": self.metric,
             "feature_transform": self.feature_transform,
             "scale": self.scale,
             "steps": self.steps,
             "lr": self.inner_lr,
         }
+        if not needs_checkpoint and self.checkpoint is not None and os.path.isdir(self.checkpoint):
+            options["head_checkpoint"] = self.checkpoint  # e.g. a trained matching head's folder
         return build_head(self.head, self.checkpoint if needs_checkpoint else None, **options)
 
     # -- support memory --------------------------------------------------------------------

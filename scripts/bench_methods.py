@@ -154,8 +154,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None, help="only these transductive methods")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for both sides (default: torch's)"
+    )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     result: dict[str, Any] = {"args": vars(args)}
     if not args.skip_scaling:

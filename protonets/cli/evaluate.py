@@ -111,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     device = check_device_and_checkpoint(args)  # device, checkpoint and output paths: before work
     check_output_paths(args.output, args.plot)
     # every method's head keeps the options its constructor takes (None: the head's default)
-    options = {"k": args.knn_k, "steps": args.maml_steps, "head_checkpoint": args.head_checkpoint}
-    method_options = {method: dict(options) for method in args.method}
+    # --knn-k and --maml-steps belong to the method they are named after, not to every head
+    named = {"knn": {"k": args.knn_k}, "maml": {"steps": args.maml_steps}}
+    method_options = {m: {"head_checkpoint": args.head_checkpoint, **named.get(m, {})} for m in args.method}
     for method in args.method:  # a trained head without its folder: refuse before embedding
         checkpoint_folder(method, args.head_checkpoint)
     encoder = None

@@ -60,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         "--init-checkpoint",
         default=None,
         metavar="DIR",
-        help="start from a trained checkpoint folder's model and weights (e.g. MAML from a ProtoNet body)",
+        help="protonet, maml, fomaml, anil: start from a trained checkpoint folder's model and "
+        "weights (e.g. MAML from a ProtoNet body)",
     )
     g.add_argument("--image-size", type=positive_int, default=None, help="override the input side")
     g.add_argument(
@@ -110,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
     from protonets.training import EpisodicTrainer, TrainConfig
     from protonets.training.checkpoint import load_state
 
+    if args.init_checkpoint and (args.freeze_encoder or args.method not in ("protonet", *train_maml.METHODS)):
+        raise UserInputError(
+            "--init-checkpoint starts the encoder of --method protonet, maml, fomaml or anil from a "
+            "trained folder; leave it out here (--freeze-encoder trains a head on a fixed encoder)"
+        )
     if args.method == "siamese":  # the Siamese head's own branch (cli/train_siamese.py)
         return train_siamese.run(args)
     if args.method in train_heads.METHODS:  # a trainable head alone (cli/train_heads.py)

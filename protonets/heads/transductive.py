@@ -7,8 +7,7 @@ classes with all of `query`, so the answer for one query depends on the others i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,21 +33,6 @@ def check_episodes(support: torch.Tensor, labels: torch.Tensor, query: torch.Ten
         )
     if n_way < 2 or support.shape[1] < n_way:
         raise ValueError(f"need at least 2 classes with a support example each, got {n_way} classes")
-
-
-@contextmanager
-def one_thread_if_small(numel: int, limit: int = 1 << 22) -> Iterator[None]:
-    """Run an iterative loop of small tensor ops on one thread: waking the thread pool for each
-    tiny op costs more than it saves (on a busy machine, a scheduler slice per op)."""
-    before = torch.get_num_threads()
-    if numel >= limit or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -112,8 +96,7 @@ class TransductiveHead(Head):
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
         check_episodes(support, labels, query, n_way)
-        with one_thread_if_small(support.numel() + query.numel()):
-            return self.transduce(support, labels.to(torch.int64), query.to(support.dtype), n_way)
+        return self.transduce(support, labels.to(torch.int64), query.to(support.dtype), n_way)
 
     def transduce(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int

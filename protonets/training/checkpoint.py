@@ -89,7 +89,18 @@ def read_log(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        lines = [line for line in handle if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):  # a last line cut short by a crash while appending: dropped
+                break
+            raise UserInputError(
+                f"training log '{path}' line {number} is not JSON; restore or remove that line"
+            ) from None
+    return records
 
 
 def truncate_log(directory: str | os.PathLike[str], step: int) -> None:

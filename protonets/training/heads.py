@@ -128,8 +128,9 @@ def train_episodic_head(
     if contrastive < 0:
         raise UserInputError(f"the contrastive weight must be 0 or more, got {contrastive}")
     embeddings = torch.as_tensor(embeddings).float()
-    torch.manual_seed(seed)
-    head = create_head(name, dim=embeddings.shape[1], **{**TRAINED_PRESETS[name], **head_kwargs})
+    with torch.random.fork_rng(devices=[]):  # seeded start, the caller's random state untouched
+        torch.manual_seed(seed)
+        head = create_head(name, dim=embeddings.shape[1], **{**TRAINED_PRESETS[name], **head_kwargs})
     sampler = EpisodeSampler(labels, ways, shots, queries, split="head training")
     val = None
     if val_embeddings is not None and val_labels is not None:

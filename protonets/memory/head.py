@@ -17,11 +17,11 @@ class MemoryHead(torch.nn.Module):
     memories), or negative squared distance (l2). Prototypes are read live from the memory.
     """
 
-    def __init__(self, memory: SupportMemory, classes: Sequence, scale: float = 10.0) -> None:
+    def __init__(self, memory: SupportMemory, classes: Sequence, scale: float | None = None) -> None:
         super().__init__()
         self.memory = memory
         self.classes = list(classes)
-        self.scale = float(scale)
+        self.scale = 10.0 if scale is None else float(scale)  # None: the prototype head's default
 
     def forward(self, query: torch.Tensor) -> torch.Tensor:
         scores, names = self.memory.prototype_scores(query)

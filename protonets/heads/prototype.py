@@ -13,6 +13,14 @@ METRICS = ("euclidean", "cosine")
 FEATURE_TRANSFORMS = (None, "cl2n", "l2n")
 
 
+def check_metric_and_transform(metric: str, feature_transform: str | None) -> None:
+    """A ValueError naming the parameter when `metric` or `feature_transform` is not one we have."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
+    if feature_transform not in FEATURE_TRANSFORMS:
+        raise ValueError(f"feature_transform must be one of {FEATURE_TRANSFORMS}, got '{feature_transform}'")
+
+
 def transform_features(x: torch.Tensor, kind: str | None, center: torch.Tensor | None = None) -> torch.Tensor:
     """SimpleShot feature transforms: None, 'l2n' (L2-normalise) or 'cl2n' (centre, then L2)."""
     if kind is None:
@@ -66,12 +74,7 @@ class PrototypeHead(Head):
         self, metric: str = "euclidean", feature_transform: str | None = None, scale: float = 10.0
     ) -> None:
         super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
-        if feature_transform not in FEATURE_TRANSFORMS:
-            raise ValueError(
-                f"feature_transform must be one of {FEATURE_TRANSFORMS}, got '{feature_transform}'"
-            )
+        check_metric_and_transform(metric, feature_transform)
         self.metric = metric
         self.feature_transform = feature_transform
         self.scale = float(scale)

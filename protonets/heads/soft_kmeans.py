@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .prototype import FEATURE_TRANSFORMS, METRICS, compute_prototypes, prototype_logits, transform_features
+from .prototype import check_metric_and_transform, compute_prototypes, prototype_logits, transform_features
 from .transductive import TransductiveHead, one_hot
 
 
@@ -26,12 +26,7 @@ class SoftKMeansHead(TransductiveHead):
         steps: int = 1,
     ) -> None:
         super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
-        if feature_transform not in FEATURE_TRANSFORMS:
-            raise ValueError(
-                f"feature_transform must be one of {FEATURE_TRANSFORMS}, got '{feature_transform}'"
-            )
+        check_metric_and_transform(metric, feature_transform)
         if int(steps) < 0:
             raise ValueError(f"steps must be >= 0 (0 = the prototype head), got {steps}")
         self.metric, self.feature_transform = metric, feature_transform

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from ..heads.base import Head, check_support
-from ..heads.prototype import FEATURE_TRANSFORMS, METRICS, transform_features
+from ..heads.prototype import check_metric_and_transform, transform_features
 from .functional import Params, linear, proto_init, sgd_inner_loop
 
 
@@ -39,12 +39,7 @@ class MAMLHead(Head):
         lr: float = 1.0,
     ) -> None:
         super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
-        if feature_transform not in FEATURE_TRANSFORMS:
-            raise ValueError(
-                f"feature_transform must be one of {FEATURE_TRANSFORMS}, got '{feature_transform}'"
-            )
+        check_metric_and_transform(metric, feature_transform)
         if int(steps) < 0:
             raise ValueError(f"steps must be >= 0 (0 = the prototype head), got {steps}")
         if float(lr) < 0:

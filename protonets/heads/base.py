@@ -90,3 +90,30 @@ class Head(nn.Module):
             if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
                 self._buffers[name] = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class SupportSetHead(Head):
+    """A head that keeps its whole support set (buffers `support`, `labels`); `forward(query)`
+    runs the head's batched `episode_logits` on that one episode (k-NN, the transductive heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("support", torch.empty(0, 0))
+        self.register_buffer("labels", torch.empty(0, dtype=torch.int64))
+
+    def fit(self, support: torch.Tensor, labels: torch.Tensor) -> SupportSetHead:
+        check_support(support, labels)
+        self.support = support if support.is_floating_point() else support.float()
+        self.labels = labels.to(torch.int64)
+        return self
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        if self.support.numel() == 0:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(support, labels) first")
+        if query.dim() != 2 or query.shape[-1] != self.support.shape[-1]:
+            raise ValueError(
+                f"query embeddings must be [Q, {self.support.shape[-1]}], got shape {tuple(query.shape)}"
+            )
+        n_way = int(self.labels.max()) + 1
+        query = query.to(self.support.dtype)
+        return self.episode_logits(self.support[None], self.labels[None], query[None], n_way)[0]

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Head, check_support
+from .base import SupportSetHead
 
 
-class KNNHead(Head):
+class KNNHead(SupportSetHead):
     """Majority vote of the `k` nearest support embeddings; logits `[Q, C]` are vote counts.
 
     Ties between classes go to the lower class index (argmax); `k` larger than the support set
@@ -22,28 +22,9 @@ class KNNHead(Head):
         if int(k) < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self.k = int(k)
-        self.register_buffer("support", torch.empty(0, 0))
-        self.register_buffer("labels", torch.empty(0, dtype=torch.int64))
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"k": self.k}
-
-    def fit(self, support: torch.Tensor, labels: torch.Tensor) -> KNNHead:
-        check_support(support, labels)
-        self.support = support if support.is_floating_point() else support.float()
-        self.labels = labels.to(torch.int64)
-        return self
-
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        if self.support.numel() == 0:
-            raise RuntimeError("KNNHead is not fitted: call fit(support, labels) first")
-        if query.shape[-1] != self.support.shape[-1]:
-            raise ValueError(
-                f"query embeddings have {query.shape[-1]} dims, the support set has {self.support.shape[-1]}"
-            )
-        n_way = int(self.labels.max()) + 1
-        query = query.to(self.support.dtype)
-        return self.episode_logits(self.support[None], self.labels[None], query[None], n_way)[0]
 
     def episode_logits(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .base import Head, check_support
+from .base import SupportSetHead
 
 
 def check_episodes(support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int) -> None:
@@ -59,38 +59,16 @@ def adam_steps(
     return param.detach()
 
 
-class TransductiveHead(Head):
+class TransductiveHead(SupportSetHead):
     """Base of the transductive heads: `fit` keeps the support set, `forward(query)` runs
     `transduce` with the whole query batch as the unlabelled set (batched over episodes)."""
 
     transductive = True
     memory_budget = 64 << 20
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("support", torch.empty(0, 0))
-        self.register_buffer("labels", torch.empty(0, dtype=torch.int64))
-
     def episode_bytes(self, ways: int, shots: int, queries: int, dim: int) -> int:
         n = ways * (shots + queries)
         return n * (dim * 16 + n * 8 + ways * 16)
-
-    def fit(self, support: torch.Tensor, labels: torch.Tensor) -> TransductiveHead:
-        check_support(support, labels)
-        self.support = support if support.is_floating_point() else support.float()
-        self.labels = labels.to(torch.int64)
-        return self
-
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        if self.support.numel() == 0:
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(support, labels) first")
-        if query.dim() != 2 or query.shape[-1] != self.support.shape[-1]:
-            raise ValueError(
-                f"query embeddings must be [Q, {self.support.shape[-1]}], got shape {tuple(query.shape)}"
-            )
-        n_way = int(self.labels.max()) + 1
-        query = query.to(self.support.dtype)
-        return self.episode_logits(self.support[None], self.labels[None], query[None], n_way)[0]
 
     def episode_logits(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int

@@ -1,0 +1,144 @@
+"""Runs launched by `torchrun`: rank and world size, each rank's share of a list, errors shared.
+
+Only PyTorch's own runtime (`torch.distributed`: gloo on CPU, NCCL on CUDA); no cluster code of
+ours. A command calls `init_world(device)` once: without torchrun's environment it returns the
+single-process `World()` and nothing else changes. Bad input found on one rank must stop every
+rank with that rank's one-line error, instead of leaving the others waiting in a collective:
+`all_ranks_agree` wraps each checking phase (every rank reaches it, success or not) and re-raises
+the first failing rank's error everywhere, printed by rank 0 only (`RankError.quiet`).
+A rank that crashes outright is stopped together with its peers by torchrun itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from .errors import UserInputError
+
+#: How long a collective may wait for a peer before the run fails (a peer that died is
+#: normally noticed sooner: torchrun stops every rank when one exits with an error).
+TIMEOUT_S = int(os.environ.get("PROTONETS_DIST_TIMEOUT", "1800"))
+
+
+class RankError(UserInputError):
+    """A user error found on one rank, raised on every rank; only rank 0 prints it (`quiet`)."""
+
+    def __init__(self, message: str, quiet: bool) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a run: `rank` of `size` processes (`size` 1 outside torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that shows progress, validates, logs and writes shared files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def share(self, n: int) -> range:
+        """This rank's contiguous block of `range(n)`; the blocks in rank order cover it once."""
+        return range(n * self.rank // self.size, n * (self.rank + 1) // self.size)
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a `torchrun` launch of more than one process (WORLD_SIZE > 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def init_world(device: str = "cpu") -> World:
+    """Join the process group torchrun set up (gloo for CPU, NCCL for CUDA); `World()` alone."""
+    if not launched_by_torchrun():
+        return World()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def current_world() -> World:
+    """The world of an already initialised process group (`World()` if there is none)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return World()
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_gather(world: World, obj: Any) -> list[Any]:
+    """Every rank's `obj` (JSON-like, small), in rank order; `[obj]` in a single process."""
+    if not world.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast(world: World, obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (JSON-like, small)."""
+    if not world.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if world.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextmanager
+def all_ranks_agree(world: World) -> Iterator[None]:
+    """Run a checking phase on every rank; if any rank raised a UserInputError, every rank
+    raises the first failing rank's message (prefixed 'rank R: ' when R is not 0). Outside
+    torchrun this is a plain block. Every rank must enter it, or the others wait."""
+    if not world.distributed:
+        yield
+        return
+    error: str | None = None
+    try:
+        yield
+    except UserInputError as exc:
+        error = str(exc)
+    failures = [(rank, e) for rank, e in enumerate(all_gather(world, error)) if e is not None]
+    if failures:
+        rank, message = failures[0]
+        prefix = "" if rank == 0 else f"rank {rank}: "
+        raise RankError(prefix + message, quiet=not world.is_main)
+
+
+def finish(world: World) -> None:
+    """Leave the process group at the end of a command (no-op outside torchrun)."""
+    if world.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,171 @@
+"""Embedding sets: a dataset's embeddings saved in a folder a user can take anywhere.
+
+Layout of `DIR` (format 1):
+- `embeddings.safetensors`: tensors `embeddings` float32 `[N, D]` and `labels` int64 `[N]`;
+- `manifest.json`: kind, format version, the encoder fingerprint, class names, every image's
+  path relative to the dataset root in row order (`rotations` beside it where Omniglot rotates),
+  the sha256 and size of `embeddings.safetensors`, and a checksum over the manifest itself.
+
+Saving writes the data file, then the manifest, each atomically (temporary file, fsync, rename),
+with the user's umask. Reading verifies the manifest checksum and the data file's sha256 and
+shapes, so an edited or half-replaced set is refused with one line, never silently used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import MANIFEST, manifest_checksum, sha256_file, write_atomically, write_json_atomically
+from .errors import FingerprintMismatchError, UserInputError
+
+KIND = "protonets.EmbeddingSet"
+FORMAT_VERSION = 1
+DATA_FILE = "embeddings.safetensors"
+
+
+@dataclass
+class EmbeddingSet:
+    """Embeddings `[N, D]`, labels `[N]` into `class_names`, source paths, encoder fingerprint."""
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    paths: list[str]
+    fingerprint: dict[str, Any]
+    rotations: list[int] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.embeddings = torch.as_tensor(self.embeddings).to(torch.float32).contiguous()
+        self.labels = torch.as_tensor(self.labels).to(torch.int64).contiguous()
+        n = self.embeddings.shape[0]
+        if self.embeddings.ndim != 2:
+            raise UserInputError(f"embeddings must be [N, D], got shape {tuple(self.embeddings.shape)}")
+        if self.labels.shape != (n,) or len(self.paths) != n:
+            raise UserInputError(
+                f"an embedding set needs one label and one path per row: {n} rows, "
+                f"{tuple(self.labels.shape)} labels, {len(self.paths)} paths"
+            )
+        if self.rotations is not None and len(self.rotations) != n:
+            raise UserInputError(f"{len(self.rotations)} rotations for {n} rows")
+        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
+            raise UserInputError(f"labels must index the {len(self.class_names)} class names")
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write `directory/embeddings.safetensors` and `directory/manifest.json` atomically."""
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        data = os.path.join(directory, DATA_FILE)
+        tensors = {"embeddings": self.embeddings, "labels": self.labels}
+        write_atomically(data, lambda tmp: save_file(tensors, tmp))
+        manifest: dict[str, Any] = {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "count": len(self),
+            "dim": self.dim,
+            "class_names": list(self.class_names),
+            "paths": list(self.paths),
+            "data": {"file": DATA_FILE, "sha256": sha256_file(data), "bytes": os.path.getsize(data)},
+            "info": self.info,
+        }
+        if self.rotations is not None and any(self.rotations):
+            manifest["rotations"] = [int(r) for r in self.rotations]
+        manifest["checksum"] = manifest_checksum(manifest)
+        write_json_atomically(os.path.join(directory, MANIFEST), manifest)
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike[str], fingerprint: dict[str, Any] | None = None
+    ) -> EmbeddingSet:
+        """Read and verify a saved set; with `fingerprint`, refuse one made by another encoder."""
+        manifest = read_manifest(directory)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        data = os.path.join(os.fspath(directory), DATA_FILE)
+        entry = manifest.get("data", {})
+        if not os.path.isfile(data):
+            raise UserInputError(f"'{data}' is missing; run `protonets embed` again")
+        if os.path.getsize(data) != entry.get("bytes") or sha256_file(data) != entry.get("sha256"):
+            raise UserInputError(
+                f"'{data}' is truncated or altered (checksum mismatch); run `protonets embed` again"
+            )
+        try:
+            tensors = load_file(data)
+        except (SafetensorError, OSError) as exc:
+            raise UserInputError(f"'{data}' cannot be read ({exc})") from None
+        x, y = tensors.get("embeddings"), tensors.get("labels")
+        if x is None or y is None or x.dtype != torch.float32 or y.dtype != torch.int64:
+            raise UserInputError(f"'{data}' needs float32 'embeddings' and int64 'labels'")
+        if tuple(x.shape) != (manifest["count"], manifest["dim"]):
+            raise UserInputError(
+                f"'{data}' holds {tuple(x.shape)}, the manifest says {manifest['count']} × {manifest['dim']}"
+            )
+        if fingerprint is not None and manifest["fingerprint"] != fingerprint:
+            raise FingerprintMismatchError(
+                f"'{directory}' was embedded by another encoder "
+                f"({manifest['fingerprint'].get('name', '?')}) than the one in use; embed it again "
+                "with this encoder, or use the encoder it names"
+            )
+        return cls(
+            embeddings=x,
+            labels=y,
+            class_names=list(manifest["class_names"]),
+            paths=list(manifest["paths"]),
+            fingerprint=dict(manifest["fingerprint"]),
+            rotations=manifest.get("rotations"),
+            info=dict(manifest.get("info", {})),
+        )
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The verified manifest of an embedding set folder (kind, version, checksum, fields)."""
+    path = os.path.join(os.fspath(directory), MANIFEST)
+    if not os.path.isfile(path):
+        raise UserInputError(
+            f"'{directory}' is not an embedding set (no {MANIFEST}); make one with `protonets embed`"
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"'{path}' is damaged and cannot be read as JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        found = manifest.get("kind") if isinstance(manifest, dict) else None
+        raise UserInputError(f"'{directory}' holds a {found or 'unknown object'}, not an embedding set")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserInputError(
+            f"'{directory}' has format version {version}, newer than this protonets reads "
+            f"({FORMAT_VERSION}); upgrade protonets"
+        )
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise UserInputError(
+            f"'{path}' was edited or damaged: its checksum does not match its contents; "
+            "run `protonets embed` again"
+        )
+    for key in ("fingerprint", "class_names", "paths", "count", "dim"):
+        if key not in manifest:
+            raise UserInputError(f"'{path}' has no '{key}'; run `protonets embed` again")
+    return manifest
+
+
+def as_numpy(embedding_set: EmbeddingSet) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings float32 `[N, D]`, labels int64 `[N]`) as numpy arrays (no copy)."""
+    return embedding_set.embeddings.numpy(), embedding_set.labels.numpy()

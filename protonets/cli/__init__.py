@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _WarningsOnce()  # library warnings: one reworded line each, once
             return int(args.run(args) or 0)
     except UserInputError as exc:
-        print(f"protonets: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # under torchrun, rank 0 alone prints a shared error
+            print(f"protonets: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

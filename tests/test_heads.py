@@ -211,3 +211,19 @@ def test_listing_heads_imports_no_eval_or_training_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]"), out[-500:]
+
+
+def test_knn_equal_votes_go_to_the_class_with_the_nearer_hits():
+    """k=2 in a 1-shot episode: every class gets at most one vote, so the nearer one must win
+    (a bonus shared by all classes would hand every tie to class 0)."""
+    head = create_head("knn", k=2)
+    support = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]]])  # classes 0, 1, 2
+    labels = torch.tensor([[0, 1, 2]])
+    query = torch.tensor([[[0.9, 0.0], [0.1, 0.0]]])  # nearest class 1, then nearest class 0
+    logits = head.episode_logits(support, labels, query, 3)
+    assert logits.argmax(-1).tolist() == [[1, 0]]
+    # two votes beat one nearer vote: ranks 1 and 2 of class 1 against rank 0 of class 0
+    support = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.1, 0.0]]])
+    labels = torch.tensor([[0, 1, 1]])
+    logits = create_head("knn", k=3).episode_logits(support, labels, torch.tensor([[[0.2, 0.0]]]), 2)
+    assert logits.argmax(-1).tolist() == [[1]]

@@ -25,21 +25,27 @@ def center_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def sinkhorn(cost: torch.Tensor, lam: float, eps: float = 1e-6, max_iter: int = 1000) -> torch.Tensor:
     """Transport plans `[E, Q, N]`: rows sum to 1, columns to Q/N; each episode stops when its
-    row sums move less than `eps` (as the paper's loop, per episode)."""
+    row sums move less than `eps` (as the paper's loop, per episode). Converged episodes leave
+    the batch, so the many that converge in a few iterations do not wait for the slowest."""
     q, n = cost.shape[-2:]
     plan = torch.exp(-lam * cost)
     plan = plan / plan.sum((-2, -1), keepdim=True)
+    active = torch.arange(plan.shape[0], device=plan.device)  # episodes still iterating
+    current = plan  # their plans
     rows_before = torch.zeros(cost.shape[:-1], dtype=cost.dtype, device=cost.device)
-    active = torch.ones(cost.shape[:1], dtype=torch.bool, device=cost.device)
     for _ in range(max_iter):
-        rows = plan.sum(-1)
-        active = active & ((rows_before - rows).abs().amax(-1) > eps)
-        if not active.any():
-            break
-        rows_before = torch.where(active.unsqueeze(-1), rows, rows_before)
-        new = plan / (rows.unsqueeze(-1) + 1e-10)
-        new = new * ((q / n) / (new.sum(-2, keepdim=True) + 1e-10))
-        plan = torch.where(active.view(-1, 1, 1), new, plan)
+        rows = current.sum(-1)
+        done = (rows_before - rows).abs().amax(-1) <= eps
+        if done.any():
+            plan[active[done]] = current[done]
+            keep = ~done
+            active, current, rows = active[keep], current[keep], rows[keep]
+            if not len(active):
+                return plan
+        rows_before = rows
+        current = current / (rows.unsqueeze(-1) + 1e-10)
+        current = current * ((q / n) / (current.sum(-2, keepdim=True) + 1e-10))
+    plan[active] = current
     return plan
 
 

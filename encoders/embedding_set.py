@@ -120,7 +120,8 @@ class EmbeddingSet:
         if fingerprint is not None and manifest["fingerprint"] != fingerprint:
             raise FingerprintMismatchError(
                 f"'{directory}' was embedded by another encoder "
-                f"({manifest['fingerprint'].get('name', '?')}) than the one in use; embed it again "
+                f"({manifest['fingerprint'].get('model', manifest['fingerprint'].get('name', '?'))}) "
+                "than the one in use; embed it again "
                 "with this encoder, or use the encoder it names"
             )
         return cls(

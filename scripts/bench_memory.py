@@ -18,14 +18,27 @@ Defaults: groups of 10 classes (76% exact 1-NN accuracy at 1M). A harder variant
 `--group 100 --spread 0.35 --noise 1.1` (77%), spreads each class's neighbours over many more
 inverted lists; `auto` then calibrates a larger nprobe and gains less over brute force.
 
+Part 3 (`--ondisk EMB MEM`, issue 13): the same data written as an embedding set EMB (streamed,
+`--big-n` rows), built into an on-disk IVF-PQ memory MEM by `torchrun --nproc-per-node --ranks`
+(`protonets memory build --from-embeddings`; skipped when MEM exists), then loaded memory-mapped
+and queried: load time, resident memory (anonymous and file-backed pages) against the in-RAM
+size of the same memory, top-1 class agreement and recall@1 with exact search, and queries/s
+against exact streamed search over EMB, in the same run. `--compare-ram` also loads MEM into RAM
+(`mmap=False`) and times that (only where it fits).
+
     python scripts/bench_memory.py                 # part 1, defaults of issue 4
     python scripts/bench_memory.py --ivfpq-10m     # part 2 only
+    python scripts/bench_memory.py --ondisk /data/emb10m /data/mem10m --ranks 2   # part 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import struct
+import subprocess
+import sys
 import time
 
 import faiss
@@ -100,8 +113,17 @@ def brute_force(q: np.ndarray, x: np.ndarray, block: int = 256) -> tuple[np.ndar
     return torch.cat(scores).numpy(), torch.cat(ids).numpy()
 
 
-def report(name: str, build_s: float, rss: float, qps: float, base_qps: float,
-           ids: np.ndarray, exact_ids: np.ndarray, labels: np.ndarray, note: str = "") -> None:
+def report(
+    name: str,
+    build_s: float,
+    rss: float,
+    qps: float,
+    base_qps: float,
+    ids: np.ndarray,
+    exact_ids: np.ndarray,
+    labels: np.ndarray,
+    note: str = "",
+) -> None:
     recall = (ids == exact_ids).mean()
     agree = (labels[np.maximum(ids, 0)] == labels[exact_ids]).mean()
     print(
@@ -123,9 +145,12 @@ def part_one(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     x, y = data.block(args.n, stream=0)
     q, qy = data.block(args.queries, stream=1)
-    print(f"data: {args.n:,} × {args.dim} support vectors, {args.classes:,} classes "
-          f"(groups of {args.group}), {args.queries:,} queries; generated in "
-          f"{time.perf_counter() - t0:.0f}s; threads: {args.threads}", flush=True)
+    print(
+        f"data: {args.n:,} × {args.dim} support vectors, {args.classes:,} classes "
+        f"(groups of {args.group}), {args.queries:,} queries; generated in "
+        f"{time.perf_counter() - t0:.0f}s; threads: {args.threads}",
+        flush=True,
+    )
     print(f"process RSS with the raw data: {rss_gib():.2f} GiB", flush=True)
     header()
 
@@ -133,8 +158,11 @@ def part_one(args: argparse.Namespace) -> None:
     _, exact = brute_force(q, x)
     base = args.queries / (time.perf_counter() - t0)
     report("exact torch brute force", 0.0, 0.0, base, base, exact, exact, y)
-    print(f"  exact 1-NN finds the query's class for {(y[exact] == qy).mean():.1%} of queries "
-          "(overlapping clusters: 60–90% wanted)", flush=True)
+    print(
+        f"  exact 1-NN finds the query's class for {(y[exact] == qy).mean():.1%} of queries "
+        "(overlapping clusters: 60–90% wanted)",
+        flush=True,
+    )
 
     nf = min(args.flat_queries, args.queries)
     before = rss_gib()
@@ -145,8 +173,17 @@ def part_one(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     _, ids = flat.search(q[:nf], 1)
     qps = nf / (time.perf_counter() - t0)
-    report("faiss IndexFlatIP", build, rss_gib() - before, qps, base, ids[:, 0], exact[:nf], y,
-           f"(first {nf:,} queries)" if nf < args.queries else "")
+    report(
+        "faiss IndexFlatIP",
+        build,
+        rss_gib() - before,
+        qps,
+        base,
+        ids[:, 0],
+        exact[:nf],
+        y,
+        f"(first {nf:,} queries)" if nf < args.queries else "",
+    )
     del flat
 
     before = rss_gib()
@@ -160,16 +197,21 @@ def part_one(args: argparse.Namespace) -> None:
     _, _, ids = memory.search(q, k=1, return_ids=True)
     qps = args.queries / (time.perf_counter() - t0)
     report("SupportMemory auto", build, rss, qps, base, ids[:, 0], exact, y)
-    print(f"  auto chose {info['structure']}: "
-          + ", ".join(f"{k}={info[k]}" for k in ("nlist", "nprobe", "trained_on", "calibration")
-                      if k in info), flush=True)
+    print(
+        f"  auto chose {info['structure']}: "
+        + ", ".join(f"{k}={info[k]}" for k in ("nlist", "nprobe", "trained_on", "calibration") if k in info),
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     labels, _ = memory.classify(q, mode="prototype")
     pqps = args.queries / (time.perf_counter() - t0)
-    print(f"  classify(mode='prototype') over {len(memory.classes):,} class means: "
-          f"{pqps:.0f} queries/s ({pqps / base:.1f}x), accuracy {(labels == qy).mean():.1%} "
-          f"(exact 1-NN: {(y[exact] == qy).mean():.1%})", flush=True)
+    print(
+        f"  classify(mode='prototype') over {len(memory.classes):,} class means: "
+        f"{pqps:.0f} queries/s ({pqps / base:.1f}x), accuracy {(labels == qy).mean():.1%} "
+        f"(exact 1-NN: {(y[exact] == qy).mean():.1%})",
+        flush=True,
+    )
     for nprobe in args.sweep:
         memory.params.nprobe = nprobe
         t0 = time.perf_counter()
@@ -184,23 +226,26 @@ def part_two(args: argparse.Namespace) -> None:
     q, _ = data.block(nq, stream=1)
     reset_peak()
     start_rss = rss_gib()
-    print(f"ivfpq part: {n:,} × {args.dim} vectors streamed in chunks of {args.chunk:,} "
-          f"(raw size {n * args.dim * 4 / 2**30:.1f} GiB), {nq:,} queries; threads {args.threads}",
-          flush=True)
+    print(
+        f"ivfpq part: {n:,} × {args.dim} vectors streamed in chunks of {args.chunk:,} "
+        f"(raw size {n * args.dim * 4 / 2**30:.1f} GiB), {nq:,} queries; threads {args.threads}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     memory = SupportMemory(args.dim, "cosine", "ivfpq", keep_vectors=False, expected_size=n)
     sample, _ = data.block(min(n, args.train), stream=2)
     memory.train(sample)
     del sample
     train_s = time.perf_counter() - t0
-    print(f"  trained on {min(n, args.train):,} vectors in {train_s:.0f}s "
-          f"({memory.info()})", flush=True)
+    print(f"  trained on {min(n, args.train):,} vectors in {train_s:.0f}s ({memory.info()})", flush=True)
     for start in range(0, n, args.chunk):
         x, y = data.chunk(start, min(args.chunk, n - start))
         memory.add(x, y)
         if (start // args.chunk) % 10 == 9:
-            print(f"  added {start + len(x):,} in {time.perf_counter() - t0:.0f}s, "
-                  f"RSS {rss_gib():.2f} GiB", flush=True)
+            print(
+                f"  added {start + len(x):,} in {time.perf_counter() - t0:.0f}s, RSS {rss_gib():.2f} GiB",
+                flush=True,
+            )
     build = time.perf_counter() - t0
     peak = peak_rss_gib()
     t0 = time.perf_counter()
@@ -217,11 +262,203 @@ def part_two(args: argparse.Namespace) -> None:
         best_s[better], best_i[better] = s[better], i[better] + start
     base = nq / (time.perf_counter() - t0)  # includes regenerating the chunks: an upper bound
     labels_of = np.arange(n) % args.classes if n <= 50_000_000 else None
-    print(f"  build {build:.0f}s, peak RSS {peak:.2f} GiB (process at start {start_rss:.2f} GiB; "
-          f"limit 8 GiB), index {memory.info()}", flush=True)
+    print(
+        f"  build {build:.0f}s, peak RSS {peak:.2f} GiB (process at start {start_rss:.2f} GiB; "
+        f"limit 8 GiB), index {memory.info()}",
+        flush=True,
+    )
     header()
-    report("ivfpq (no raw vectors)", build, peak, qps, base, ids[:, 0], best_i, labels_of,
-           "(vs streamed brute force incl. data generation)")
+    report(
+        "ivfpq (no raw vectors)",
+        build,
+        peak,
+        qps,
+        base,
+        ids[:, 0],
+        best_i,
+        labels_of,
+        "(vs streamed brute force incl. data generation)",
+    )
+
+
+def rss_parts_gib() -> dict[str, float]:
+    """Resident memory now: total, anonymous (heap) and file-backed (mapped files) pages, GiB."""
+    out = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) / 2**20
+    return out
+
+
+def write_embedding_set(data: Data, n: int, directory: str, chunk: int) -> None:
+    """A `protonets embed`-format set of n rows (class i % classes), streamed to disk."""
+    from protonets.encoders.atomic import manifest_checksum, sha256_file, write_json_atomically
+    from protonets.encoders.embedding_set import DATA_FILE, FORMAT_VERSION, KIND
+
+    os.makedirs(directory, exist_ok=True)
+    dim, xbytes = data.dim, n * data.dim * 4
+    header = {
+        "embeddings": {"dtype": "F32", "shape": [n, dim], "data_offsets": [0, xbytes]},
+        "labels": {"dtype": "I64", "shape": [n], "data_offsets": [xbytes, xbytes + 8 * n]},
+    }
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = os.path.join(directory, DATA_FILE)
+    t0 = time.perf_counter()
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)) + blob)
+        for start in range(0, n, chunk):
+            handle.write(data.chunk(start, min(chunk, n - start))[0].tobytes())
+        handle.write((np.arange(n, dtype=np.int64) % data.classes).tobytes())
+    manifest = {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": {"model": "synthetic", "weights_sha256": "0" * 64, "preprocessing": {}},
+        "count": n,
+        "dim": dim,
+        "class_names": [f"class{i}" for i in range(data.classes)],
+        "paths": [str(i) for i in range(n)],
+        "data": {"file": DATA_FILE, "sha256": sha256_file(path), "bytes": os.path.getsize(path)},
+        "info": {"synthetic": "scripts/bench_memory.py"},
+    }
+    manifest["checksum"] = manifest_checksum(manifest)
+    write_json_atomically(os.path.join(directory, "manifest.json"), manifest)
+    print(f"  wrote embedding set {directory}: {n:,} × {dim} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def part_three(args: argparse.Namespace) -> None:
+    from protonets.memory.ondisk import EmbeddingFile
+
+    emb_dir, mem_dir = args.ondisk
+    data = Data(args)
+    n, nq = args.big_n, args.big_queries
+    print(f"on-disk part: {n:,} × {args.dim}, {nq:,} queries, build on {args.ranks} rank(s)", flush=True)
+    if not os.path.exists(os.path.join(emb_dir, "manifest.json")):
+        write_embedding_set(data, n, emb_dir, args.chunk)
+    if not os.path.exists(os.path.join(mem_dir, "manifest.json")):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(args.ranks),
+            "-m",
+            "protonets",
+            "memory",
+            "build",
+            mem_dir,
+            "--from-embeddings",
+            emb_dir,
+            "--index",
+            "ivfpq",
+            "--quiet",
+        ]
+        if args.ranks == 1:
+            cmd = [
+                sys.executable,
+                "-m",
+                "protonets",
+                "memory",
+                "build",
+                mem_dir,
+                "--from-embeddings",
+                emb_dir,
+                "--index",
+                "ivfpq",
+                "--on-disk",
+                "--quiet",
+            ]
+        for flag, value in (("--rerank", args.rerank), ("--nprobe", args.nprobe)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // args.ranks))}
+        print("  $ " + " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True)
+        print(f"  build: {time.perf_counter() - t0:.0f}s wall on {args.ranks} rank(s)", flush=True)
+    q, _ = data.block(nq, stream=1)
+    emb = EmbeddingFile(emb_dir, verify=False)
+    labels = emb.labels()
+    files = json.load(open(os.path.join(mem_dir, "manifest.json")))["files"]
+    ram_gib = (
+        sum(
+            e["bytes"] for role, e in files.items() if role in ("vectors.npy", "lists.ivfdata", "index.faiss")
+        )
+        / 2**30
+    )
+    before = rss_parts_gib()
+    t0 = time.perf_counter()
+    memory = SupportMemory.load(mem_dir)
+    load_s = time.perf_counter() - t0
+    loaded = rss_parts_gib()
+    reset_peak()
+    t0 = time.perf_counter()
+    _, _, ids = memory.search(q, k=1, return_ids=True)
+    qps = nq / (time.perf_counter() - t0)
+    after = rss_parts_gib()
+    peak = peak_rss_gib()
+    # exact reference over the embedding set, streamed from its memory map (same vectors)
+    t0 = time.perf_counter()
+    best_s = np.full(nq, -np.inf, np.float32)
+    best_i = np.zeros(nq, np.int64)
+    for start in range(0, n, args.chunk):
+        s, i = brute_force(q, emb.rows(start, min(n, start + args.chunk)))
+        better = s > best_s
+        best_s[better], best_i[better] = s[better], i[better] + start
+    base = nq / (time.perf_counter() - t0)
+    info = memory.info()
+    print(
+        f"  loaded mapped in {load_s:.1f}s (checksums of every file included); index "
+        + ", ".join(
+            f"{k}={info[k]}"
+            for k in ("nlist", "nprobe", "pq_m", "rerank", "on_disk", "calibration")
+            if k in info
+        ),
+        flush=True,
+    )
+    print(
+        f"  RSS GiB: before load {before['VmRSS']:.2f}; after load {loaded['VmRSS']:.2f} "
+        f"(anon {loaded['RssAnon']:.2f}, file {loaded['RssFile']:.2f}); after {nq:,} queries "
+        f"{after['VmRSS']:.2f} (anon {after['RssAnon']:.2f}, file {after['RssFile']:.2f}), peak "
+        f"{peak:.2f}; the memory in RAM would hold {ram_gib:.2f} GiB (vectors + lists + index)",
+        flush=True,
+    )
+    header()
+    report(
+        "ivfpq on disk + rerank",
+        0.0,
+        after["VmRSS"] - before["VmRSS"],
+        qps,
+        base,
+        ids[:, 0],
+        best_i,
+        labels,
+        "(RSS: growth over the process before load)",
+    )
+    if args.compare_ram:
+        del memory
+        before = rss_parts_gib()
+        t0 = time.perf_counter()
+        memory = SupportMemory.load(mem_dir, mmap=False)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, _, ids = memory.search(q, k=1, return_ids=True)
+        qps = nq / (time.perf_counter() - t0)
+        rss = rss_gib() - before["VmRSS"]
+        report(
+            "same memory read into RAM",
+            load_s,
+            rss,
+            qps,
+            base,
+            ids[:, 0],
+            best_i,
+            labels,
+            "(build s column: load s)",
+        )
 
 
 def main() -> None:
@@ -236,18 +473,29 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch and faiss threads (all methods)")
     p.add_argument("--chunk", type=int, default=100_000, help="vectors per add() call")
-    p.add_argument("--flat-queries", type=int, default=2_000,
-                   help="queries timed for faiss flat (it is as slow as brute force)")
+    p.add_argument(
+        "--flat-queries",
+        type=int,
+        default=2_000,
+        help="queries timed for faiss flat (it is as slow as brute force)",
+    )
     p.add_argument("--sweep", type=int, nargs="*", default=[], help="extra nprobe values to time")
     p.add_argument("--ivfpq-10m", action="store_true", help="run part 2 (only)")
     p.add_argument("--big-n", type=int, default=10_000_000, help="vectors in part 2")
     p.add_argument("--big-queries", type=int, default=1_000, help="queries in part 2")
     p.add_argument("--train", type=int, default=65_536, help="training sample in part 2")
+    p.add_argument("--ondisk", nargs=2, metavar=("EMB", "MEM"), help="run part 3 (only)")
+    p.add_argument("--ranks", type=int, default=2, help="torchrun processes building part 3")
+    p.add_argument("--rerank", type=int, default=None, help="part 3: memory build --rerank")
+    p.add_argument("--nprobe", type=int, default=None, help="part 3: memory build --nprobe")
+    p.add_argument("--compare-ram", action="store_true", help="part 3: also load MEM into RAM")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    if args.ivfpq_10m:
+    if args.ondisk:
+        part_three(args)
+    elif args.ivfpq_10m:
         part_two(args)
     else:
         part_one(args)

@@ -17,6 +17,7 @@ from protonets.encoders.errors import UserInputError
 #: `run(args)`, the one-line summary `protonets --help` lists).
 COMMANDS = {
     "classify": ("classify", "classify query images against a support folder (one sub-folder per class)"),
+    "embed": ("embed", "embed a dataset into a portable embedding set folder (also under torchrun)"),
     "eval": ("evaluate", "episodic benchmark: mean accuracy ± 95%% CI per method, ways and shots"),
     "memory": ("memory", "build, grow and query a saved support memory (FAISS; millions of images)"),
     "train": ("train", "train a few-shot model: ProtoNet (default), Siamese, MAML/FOMAML/ANIL"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Any
 
 from protonets.encoders.factory import create_encoder
 
@@ -37,10 +38,22 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         description="Embed a dataset once (cached on disk), then evaluate methods on seeded "
         "N-way K-shot episodes; prints a Markdown table.",
     )
-    p.add_argument("--dataset", choices=["folder", "omniglot", "csv"], default="folder")
-    p.add_argument("--data", required=True, help="dataset root folder (images)")
+    p.add_argument(
+        "--dataset",
+        choices=["folder", "omniglot", "csv"],
+        default=None,
+        help="dataset layout (default: folder)",
+    )
+    p.add_argument("--data", default=None, help="dataset root folder (images); or give --embeddings")
     p.add_argument(
         "--split", default=None, help="split name or file (omniglot: train/val/test; csv: the CSV)"
+    )
+    p.add_argument(
+        "--embeddings",
+        default=None,
+        metavar="DIR",
+        help="evaluate an embedding set folder from `protonets embed` instead of images "
+        "(replaces --data, --dataset and --split)",
     )
     p.add_argument("--ways", type=positive_int, nargs="+", default=[5])
     p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5])
@@ -100,22 +113,21 @@ def run(args: argparse.Namespace) -> int:
     from protonets.episodes import usable_classes
     from protonets.eval.datasets import load_dataset
     from protonets.eval.meta import MetaEpisodes, is_meta_checkpoint
-    from protonets.eval.protocol import checkpoint_folder
-    from protonets.eval.report import markdown_table, plot_accuracy, write_results
-    from protonets.eval.run import embed_dataset, run_evaluation
+    from protonets.eval.run import embed_dataset
 
-    dataset = load_dataset(args.dataset, args.data, args.split)
+    if args.embeddings is not None:
+        return run_from_embeddings(args)
+    if args.data is None:
+        raise UserInputError(
+            "--data is required: the dataset root folder (or --embeddings DIR from `protonets embed`)"
+        )
+    dataset = load_dataset(args.dataset or "folder", args.data, args.split)
     for ways in args.ways:  # refuse impossible settings before the (long) embedding pass
         for shots in args.shots:
             usable_classes(dataset.labels, ways, shots + args.queries, warn=False)
     device = check_device_and_checkpoint(args)  # device, checkpoint and output paths: before work
     check_output_paths(args.output, args.plot)
-    # every method's head keeps the options its constructor takes (None: the head's default)
-    # --knn-k and --maml-steps belong to the method they are named after, not to every head
-    named = {"knn": {"k": args.knn_k}, "maml": {"steps": args.maml_steps}}
-    method_options = {m: {"head_checkpoint": args.head_checkpoint, **named.get(m, {})} for m in args.method}
-    for method in args.method:  # a trained head without its folder: refuse before embedding
-        checkpoint_folder(method, args.head_checkpoint)
+    method_options = _method_options(args)
     encoder = None
     if is_meta_checkpoint(args.checkpoint) and any(map(MetaEpisodes.replaces, args.method)):
         # a meta-trained learner adapts on each episode's images, as it was trained to
@@ -148,16 +160,63 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.quiet,
     )
-    results = run_evaluation(
+    dataset_doc = {
+        "name": dataset.name,
+        "split": args.split,
+        "classes": dataset.num_classes,
+        "images": len(dataset),
+    }
+    title = f"{dataset.name} ({encoder.name})"
+    return _evaluate_and_report(
+        args,
         embeddings,
         dataset.labels,
+        dataset.class_names,
+        method_options,
+        encoder.fingerprint,
+        dataset_doc,
+        title,
+    )
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every method's head options (None: the head's default); a trained head's folder checked.
+
+    --knn-k and --maml-steps belong to the method they are named after, not to every head.
+    """
+    from protonets.eval.protocol import checkpoint_folder
+
+    named = {"knn": {"k": args.knn_k}, "maml": {"steps": args.maml_steps}}
+    options = {m: {"head_checkpoint": args.head_checkpoint, **named.get(m, {})} for m in args.method}
+    for method in args.method:  # a trained head without its folder: refuse before embedding
+        checkpoint_folder(method, args.head_checkpoint)
+    return options
+
+
+def _evaluate_and_report(
+    args: argparse.Namespace,
+    embeddings: Any,
+    labels: Any,
+    class_names: list[str],
+    method_options: dict[str, dict[str, Any]],
+    fingerprint: dict[str, Any],
+    dataset_doc: dict[str, Any],
+    title: str,
+) -> int:
+    """Run every method on the shared episodes; print the table, write --output and --plot."""
+    from protonets.eval.report import markdown_table, plot_accuracy, write_results
+    from protonets.eval.run import run_evaluation
+
+    results = run_evaluation(
+        embeddings,
+        labels,
         args.method,
         args.ways,
         args.shots,
         queries=args.queries,
         episodes=args.episodes,
         seed=args.seed,
-        class_names=dataset.class_names,
+        class_names=class_names,
         progress=not args.quiet,
         method_options=method_options,
         query_balance=args.query_balance,
@@ -165,15 +224,10 @@ def run(args: argparse.Namespace) -> int:
     )
     document = {
         "results": results,
-        "encoder": encoder.fingerprint,
+        "encoder": fingerprint,
         "seed": args.seed,
         "query_balance": args.query_balance,
-        "dataset": {
-            "name": dataset.name,
-            "split": args.split,
-            "classes": dataset.num_classes,
-            "images": len(dataset),
-        },
+        "dataset": dataset_doc,
     }
     if args.query_balance == "dirichlet":
         document["dirichlet_alpha"] = args.dirichlet_alpha
@@ -181,6 +235,65 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         write_results(args.output, document)
     if args.plot:
-        plot_accuracy(results, args.plot, title=f"{dataset.name} ({encoder.name})")
+        plot_accuracy(results, args.plot, title=title)
     sys.stdout.flush()
     return 0
+
+
+def run_from_embeddings(args: argparse.Namespace) -> int:
+    """`eval --embeddings DIR`: the same protocol on a saved embedding set, no image read."""
+    from protonets.encoders.defaults import DEFAULT_ENCODER
+    from protonets.encoders.embedding_set import EmbeddingSet, read_manifest
+    from protonets.encoders.errors import UserInputError
+    from protonets.episodes import usable_classes
+    from protonets.eval.meta import MetaEpisodes, is_meta_checkpoint
+
+    for option in ("data", "dataset", "split"):
+        if getattr(args, option) is not None:
+            raise UserInputError(
+                f"--{option} conflicts with --embeddings: the embedding set already names its "
+                f"images; drop --{option} (or --embeddings to embed the images again)"
+            )
+    if args.checkpoint is not None and is_meta_checkpoint(args.checkpoint):
+        if any(map(MetaEpisodes.replaces, args.method)):
+            raise UserInputError(
+                "a meta-trained MAML checkpoint adapts on each episode's images, which --embeddings "
+                "does not hold; evaluate it with --data"
+            )
+    manifest = read_manifest(args.embeddings)  # one line for a folder that is no set, before work
+    made_by = manifest["fingerprint"].get("model")
+    if args.checkpoint is None and args.encoder not in (DEFAULT_ENCODER, made_by):
+        raise UserInputError(
+            f"--encoder {args.encoder}: '{args.embeddings}' was embedded by {made_by}; drop --encoder "
+            "(the set names its encoder) or embed the images again with this one"
+        )
+    check_output_paths(args.output, args.plot)
+    method_options = _method_options(args)
+    fingerprint = None
+    if args.checkpoint is not None:  # a named encoder must be the one that made the set
+        device = check_device_and_checkpoint(args)
+        fingerprint = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device).fingerprint
+    embedded = EmbeddingSet.load(args.embeddings, fingerprint=fingerprint)
+    labels = embedded.labels.numpy()
+    for ways in args.ways:
+        for shots in args.shots:
+            usable_classes(labels, ways, shots + args.queries, warn=False)
+    name = embedded.info.get("dataset", "embeddings")
+    dataset_doc = {
+        "name": name,
+        "split": embedded.info.get("split"),
+        "classes": len(embedded.class_names),
+        "images": len(embedded),
+        "embeddings": args.embeddings,
+    }
+    title = f"{name} ({embedded.fingerprint.get('model', '?')})"
+    return _evaluate_and_report(
+        args,
+        embedded.embeddings,
+        labels,
+        embedded.class_names,
+        method_options,
+        embedded.fingerprint,
+        dataset_doc,
+        title,
+    )

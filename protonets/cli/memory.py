@@ -19,7 +19,15 @@ from protonets.encoders.defaults import DEFAULT_ENCODER
 from protonets.encoders.errors import UserInputError
 
 from ..memory.options import INDEX_KINDS, KIND, METRICS, MODES  # no faiss: --help stays quick
-from .common import add_encoder_options, check_inputs, class_images, positive_int, query_paths, write_rows
+from .common import (
+    add_encoder_options,
+    check_inputs,
+    class_images,
+    non_negative_int,
+    positive_int,
+    query_paths,
+    write_rows,
+)
 
 if TYPE_CHECKING:  # torch and faiss are imported when a command runs, not for --help
     from protonets.encoders import Encoder
@@ -38,11 +46,42 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    b = actions.add_parser("build", help="embed a support folder into a new memory")
+    b = actions.add_parser(
+        "build",
+        help="embed a support folder (or take an embedding set) into a new memory",
+        description="Build a memory from a support folder, or from an embedding set saved by "
+        "`protonets embed` (--from-embeddings). Under torchrun (--from-embeddings, --index ivf|ivfpq) "
+        "rank 0 trains the index on a seeded sample, every rank adds its share of rows, and the "
+        "inverted lists are merged on disk: the memory is saved in the on-disk layout (as with "
+        "--on-disk) and memory-mapped when loaded, so it can exceed RAM. With several nodes, DIR "
+        "must be on storage every node sees.",
+    )
     b.add_argument("directory", metavar="DIR", help="folder to save the memory in")
-    _from_option(b)
+    source = b.add_mutually_exclusive_group(required=True)
+    _from_option(source, required=False)
+    source.add_argument(
+        "--from-embeddings",
+        dest="embeddings",
+        metavar="EMB",
+        help="an embedding set folder written by `protonets embed` (no images are embedded)",
+    )
     b.add_argument("--metric", choices=METRICS, default="cosine")
     b.add_argument("--index", choices=INDEX_KINDS, default="auto", help="default: %(default)s")
+    b.add_argument(
+        "--on-disk",
+        action="store_true",
+        help="(--from-embeddings, --index ivf|ivfpq) merge the inverted lists on disk and keep the raw "
+        "vectors in a memory-mapped file: loads map them instead of reading them (always on under torchrun)",
+    )
+    b.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default: sized to the data)")
+    b.add_argument("--nprobe", type=positive_int, default=None, help="lists probed (default: calibrated)")
+    b.add_argument("--pq-m", type=positive_int, default=None, help="IVF-PQ bytes per vector (default: dim/8)")
+    b.add_argument(
+        "--rerank",
+        type=non_negative_int,
+        default=None,
+        help="IVF-PQ: re-rank RERANK × k candidates exactly against the raw vectors (0: off; default 10)",
+    )
     b.add_argument("--force", action="store_true", help="replace a memory already saved in DIR")
     _common(b, run_build)
 
@@ -76,12 +115,13 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     r.set_defaults(run=run_rename)
 
 
-def _from_option(p: argparse.ArgumentParser) -> None:
+def _from_option(p: Any, required: bool = True) -> None:
+    kwargs = {"required": True} if required else {}
     p.add_argument(
         "--from",
         dest="support",
         metavar="SUPPORT_DIR",
-        required=True,
+        **kwargs,
         help="folder with one sub-folder of images per class",
     )
 
@@ -142,7 +182,39 @@ def _embed(encoder: Encoder, paths: list[str], args: argparse.Namespace, desc: s
     )
 
 
+def _check_build_target(args: argparse.Namespace, fingerprint: dict[str, Any] | None = None) -> None:
+    """DIR must be new, empty or (with --force) hold a memory; says which encoder a memory there has."""
+    manifest = os.path.join(args.directory, MANIFEST)
+    if os.path.exists(manifest) and not args.force:
+        stored = None
+        try:
+            with open(manifest, encoding="utf-8") as handle:
+                stored = json.load(handle).get("encoder_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            pass
+        if fingerprint is not None and isinstance(stored, dict) and stored != fingerprint:
+            raise UserInputError(
+                f"'{args.directory}' holds a memory built with encoder {stored.get('model')}, but "
+                f"'{args.embeddings}' was embedded by {fingerprint.get('model')}: build into a new folder, "
+                "or pass --force to replace that memory"
+            )
+    check_bundle_target(args.directory, KIND)
+    if os.path.exists(manifest) and not args.force:
+        raise UserInputError(
+            f"'{args.directory}' already holds a memory: grow it with `protonets memory add`, "
+            "or pass --force to replace it"
+        )
+
+
+def _index_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"nlist": args.nlist, "nprobe": args.nprobe, "pq_m": args.pq_m, "rerank": args.rerank}
+
+
 def run_build(args: argparse.Namespace) -> int:
+    if args.embeddings is not None:
+        return _build_from_embeddings(args)
+    if args.on_disk:
+        raise UserInputError("--on-disk builds from an embedding set: pass --from-embeddings EMB")
     if os.path.exists(os.path.join(args.directory, MANIFEST)) and not args.force:
         raise UserInputError(
             f"'{args.directory}' already holds a memory: grow it with `protonets memory add`, "
@@ -157,11 +229,97 @@ def run_build(args: argparse.Namespace) -> int:
     encoder = _encoder(args, device=device)
     result = _embed(encoder, paths, args, "support")
     memory = SupportMemory(
-        encoder.dim, metric=args.metric, index=args.index, encoder_fingerprint=encoder.fingerprint
+        encoder.dim,
+        metric=args.metric,
+        index=args.index,
+        encoder_fingerprint=encoder.fingerprint,
+        **_index_options(args),
     )
     memory.add(result.embeddings, [labels[i] for i in result.kept], sources=[hashes[i] for i in result.kept])
     memory.save(args.directory)
     _summary("built", args.directory, memory)
+    return 0
+
+
+def _build_from_embeddings(args: argparse.Namespace) -> int:
+    """`memory build --from-embeddings EMB`: in RAM, or sharded and merged on disk (--on-disk,
+    torchrun). Every rank checks the inputs together: bad input anywhere stops all with one line."""
+    from protonets.encoders.distributed import all_ranks_agree, finish, init_world, launched_by_torchrun
+
+    on_disk = args.on_disk or launched_by_torchrun()
+    world = init_world("cpu")
+    try:
+        with all_ranks_agree(world):
+            if on_disk and args.index not in ("ivf", "ivfpq"):
+                why = "under torchrun" if launched_by_torchrun() else "with --on-disk"
+                raise UserInputError(
+                    f"{why}, memory build needs --index ivf or --index ivfpq (got {args.index!r}): "
+                    "only inverted lists are merged on disk"
+                )
+            if args.pq_m is not None and args.index != "ivfpq":
+                raise UserInputError("--pq-m is for --index ivfpq")
+            if not os.path.isdir(args.embeddings):
+                raise UserInputError(
+                    f"--from-embeddings '{args.embeddings}' does not exist or is not a folder; "
+                    "make one with `protonets embed DATA --output EMB`"
+                )
+            from ..memory.ondisk import EmbeddingFile
+
+            emb = EmbeddingFile(args.embeddings, verify=world.is_main)  # one sha256 pass, on rank 0
+            if args.encoder is not None and args.encoder != emb.fingerprint.get("model"):
+                raise UserInputError(
+                    f"--encoder {args.encoder} differs from the encoder that embedded "
+                    f"'{args.embeddings}' ({emb.fingerprint.get('model')}); drop --encoder"
+                )
+            if args.pq_m is not None and emb.dim % args.pq_m:
+                raise UserInputError(f"--pq-m {args.pq_m} must divide the embedding width {emb.dim}")
+            from ..memory import indexes
+
+            if args.index in indexes.MIN_TRAIN and emb.count < indexes.MIN_TRAIN[args.index]:
+                raise UserInputError(
+                    f"'{args.embeddings}' holds {emb.count} rows; an {args.index} memory needs at "
+                    f"least {indexes.MIN_TRAIN[args.index]} to train on (use --index flat)"
+                )
+            if world.is_main:
+                _check_build_target(args, emb.fingerprint)
+        if on_disk:
+            from ..memory.indexes import IndexParams
+            from ..memory.ondisk import build
+
+            o = _index_options(args)
+            params = IndexParams(
+                o["nlist"], o["nprobe"], o["pq_m"], rerank=10 if o["rerank"] is None else o["rerank"]
+            )
+            memory = build(
+                world,
+                emb,
+                args.directory,
+                kind=args.index,
+                metric=args.metric,
+                params=params,
+                fingerprint=emb.fingerprint,
+                progress=not args.quiet,
+            )
+        else:
+            from protonets.encoders.embedding_set import EmbeddingSet
+
+            from ..memory import SupportMemory
+
+            data = EmbeddingSet.load(args.embeddings)
+            memory = SupportMemory(
+                data.dim,
+                metric=args.metric,
+                index=args.index,
+                encoder_fingerprint=data.fingerprint,
+                **_index_options(args),
+            )
+            names = list(data.class_names)
+            memory.add(data.embeddings, [names[i] for i in data.labels.tolist()])
+            memory.save(args.directory)
+        if world.is_main:
+            _summary("built", args.directory, memory)
+    finally:
+        finish(world)
     return 0
 
 

@@ -8,14 +8,24 @@ import os
 import sys
 from typing import Any
 
-from protonets.encoders import DEFAULT_ENCODER, resolve_device
+from protonets.encoders import DEFAULT_ENCODER
+from protonets.encoders.distributed import World, launched_by_torchrun
 from protonets.encoders.errors import UserInputError
 
 from . import train_heads, train_maml, train_siamese
 from .common import positive_int
-from .train_setup import DEFAULTS, check_output, given_options, load_images, splits
+from .train_setup import (
+    DEFAULTS,
+    check_output,
+    given_options,
+    load_images,
+    refuse_torchrun,
+    splits,
+    start_world,
+)
 
 log = logging.getLogger("protonets")
+
 
 def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     from protonets.training import AUGMENTATIONS
@@ -104,12 +114,10 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`protonets train`, in one process or under `torchrun` (DistributedDataParallel)."""
     import torch
 
-    from protonets.encoders import create_encoder, with_image_size
-    from protonets.encoders.checkpoint import read_checkpoint_dir
-    from protonets.training import EpisodicTrainer, TrainConfig
-    from protonets.training.checkpoint import load_state
+    from protonets.encoders.distributed import all_ranks_agree, broadcast, finish
 
     if args.init_checkpoint and (args.freeze_encoder or args.method not in ("protonet", *train_maml.METHODS)):
         raise UserInputError(
@@ -119,28 +127,84 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "siamese":  # the Siamese head's own branch (cli/train_siamese.py)
         return train_siamese.run(args)
     if args.method in train_heads.METHODS:  # a trainable head alone (cli/train_heads.py)
+        if launched_by_torchrun():
+            raise UserInputError(f"--method {args.method} runs in one process: launch it without torchrun")
         return train_heads.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.freeze_encoder and args.method != "anil":
-        raise UserInputError(
-            f"--freeze-encoder trains a head alone: use it with --method siamese or anil, not {args.method}"
+    world, device = start_world(args)
+    saved: dict[str, Any] | None = None
+    with all_ranks_agree(world):  # checks: bad input on any rank stops every rank
+        if args.freeze_encoder:
+            refuse_torchrun(world, "--freeze-encoder")
+        if args.freeze_encoder and args.method != "anil":
+            raise UserInputError(
+                "--freeze-encoder trains a head alone: use it with --method siamese or anil, "
+                f"not {args.method}"
+            )
+        if world.is_main:  # rank 0 alone reads and writes the output folder
+            check_output(args)
+            saved = _saved_run(args, world)
+    saved = broadcast(world, saved)
+    with all_ranks_agree(world):
+        trainer, config, name = _build(args, saved, device, world)
+    if trainer is None:  # --freeze-encoder: the ANIL head alone, trained by _build
+        return 0
+    if args.resume:
+        trainer.resume()
+    result = trainer.fit()
+    finish(world)
+    if not world.is_main:
+        return 0
+    rate = result.step / result.elapsed_s if result.elapsed_s else 0.0
+    ranks = f" on {world.size} processes" if world.distributed else ""
+    print(
+        f"trained {name} for {result.step} episodes{ranks} in {result.elapsed_s:.0f} s "
+        f"({rate:.2f} episodes/s overall)"
+    )
+    if result.best_val_acc is not None:
+        print(
+            f"best validation ({config.val_ways}-way {config.val_shots}-shot, "
+            f"{config.val_episodes} episodes): {100 * result.best_val_acc:.2f}% at episode {result.best_step}"
         )
-    device = resolve_device(args.device)
-    check_output(args)
+    print(f"checkpoint: {args.output}  (protonets eval --checkpoint {args.output} ...)")
+    sys.stdout.flush()
+    return 0
+
+
+def _saved_run(args: argparse.Namespace, world: World) -> dict[str, Any] | None:
+    """The resume state's manifest of `--output` with `--resume` (None without)."""
+    from protonets.training.checkpoint import load_state
+    from protonets.training.ddp import check_world_size
+
+    if args.resume and args.freeze_encoder:
+        raise UserInputError(
+            "--freeze-encoder trains in minutes from cached embeddings; start again instead of --resume"
+        )
+    if not args.resume:
+        return None
+    saved, _ = load_state(args.output)
+    check_world_size(saved, world, args.output)
+    return saved
+
+
+def _build(
+    args: argparse.Namespace, saved: dict[str, Any] | None, device: str, world: World
+) -> tuple[Any, Any, str]:
+    """(trainer, config, encoder name) of the run; trainer None after a --freeze-encoder run."""
+    import torch
+
+    from protonets.encoders import create_encoder, with_image_size
+    from protonets.encoders.checkpoint import read_checkpoint_dir
+    from protonets.training import EpisodicTrainer, TrainConfig
+
     defaults = DEFAULTS[args.dataset]
     split, val_split = splits(args)
     if args.dataset == "csv" and split is None:
         raise UserInputError("--dataset csv needs --split FILE.csv (the training classes' CSV)")
 
     given = given_options(args)
-    saved: dict[str, Any] | None = None
-    if args.resume and args.freeze_encoder:
-        raise UserInputError(
-            "--freeze-encoder trains in minutes from cached embeddings; start again instead of --resume"
-        )
-    if args.resume:
-        saved, _ = load_state(args.output)
+    if saved is not None:
         config = TrainConfig.from_dict(saved["config"])
         differ = [
             f"--{k.replace('_', '-')} {v} (the run has {getattr(config, k)})"
@@ -173,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
             )
         name, preprocessing, model_kwargs = init["model"], init["preprocessing"], init.get("model_kwargs", {})
     if args.freeze_encoder:  # the ANIL head alone on cached embeddings (cli/train_maml.py)
-        return train_maml.run_frozen(args, config, split, val_split, device)
+        train_maml.run_frozen(args, config, split, val_split, device)
+        return None, config, name
 
     torch.manual_seed(config.seed)
     encoder = create_encoder(
@@ -195,24 +260,9 @@ def run(args: argparse.Namespace) -> int:
     if init is not None:
         path = os.path.abspath(args.init_checkpoint)
         meta["init_checkpoint"] = {"path": path, "fingerprint_id": init.get("fingerprint_id")}
-    kwargs = {"progress": not args.quiet, "model_kwargs": model_kwargs, "meta": meta}
+    kwargs = {"progress": not args.quiet, "model_kwargs": model_kwargs, "meta": meta, "world": world}
     if args.method in train_maml.METHODS:
         trainer = train_maml.make_trainer(args, encoder, train, val, config, saved, **kwargs)
     else:
         trainer = EpisodicTrainer(encoder, train, val, config, output=args.output, **kwargs)
-    if args.resume:
-        trainer.resume()
-    result = trainer.fit()
-    rate = result.step / result.elapsed_s if result.elapsed_s else 0.0
-    print(
-        f"trained {name} for {result.step} episodes in {result.elapsed_s:.0f} s "
-        f"({rate:.2f} episodes/s overall)"
-    )
-    if result.best_val_acc is not None:
-        print(
-            f"best validation ({config.val_ways}-way {config.val_shots}-shot, "
-            f"{config.val_episodes} episodes): {100 * result.best_val_acc:.2f}% at episode {result.best_step}"
-        )
-    print(f"checkpoint: {args.output}  (protonets eval --checkpoint {args.output} ...)")
-    sys.stdout.flush()
-    return 0
+    return trainer, config, name

@@ -4,11 +4,13 @@ the output-folder check, and the frozen encoder's embeddings for `--freeze-encod
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from protonets.encoders import DEFAULT_ENCODER
+from protonets.encoders import DEFAULT_ENCODER, resolve_device
 from protonets.encoders.atomic import check_bundle_target
+from protonets.encoders.distributed import World, init_world, launched_by_torchrun
 from protonets.encoders.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -42,6 +44,27 @@ CONFIG_OPTIONS = {
     "seed": "seed",
 }
 
+
+def start_world(args: argparse.Namespace) -> tuple[World, str]:
+    """(world, device): under torchrun, join the process group (`--device cuda`: this rank's GPU,
+    cuda:LOCAL_RANK) and quieten ranks other than 0; a single process gets `World()`."""
+    device = resolve_device(args.device)
+    if device == "cuda" and launched_by_torchrun():
+        import torch
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    world = init_world(device)
+    if not world.is_main:  # rank 0 alone shows progress, warnings and results
+        args.quiet = True
+        logging.getLogger("protonets").setLevel(logging.ERROR)
+    return world, device
+
+
+def refuse_torchrun(world: World, what: str) -> None:
+    """A mode that runs in one process only: a one-line error under torchrun."""
+    if world.distributed:
+        raise UserInputError(f"{what} runs in one process: launch it without torchrun")
 
 
 def splits(args: argparse.Namespace) -> tuple[str | None, str | None]:

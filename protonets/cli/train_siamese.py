@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from protonets.encoders import resolve_device
+from protonets.encoders.distributed import World, launched_by_torchrun
 from protonets.encoders.errors import UserInputError
 
-from .train_setup import check_output, frozen_embeddings, given_options, load_images, splits
+from .train_setup import check_output, frozen_embeddings, given_options, load_images, splits, start_world
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -90,56 +91,39 @@ def _frozen(args: argparse.Namespace, split: str | None, val_split: str | None) 
 
 
 def run(args: argparse.Namespace) -> int:
-    """`protonets train --method siamese ...`."""
+    """`protonets train --method siamese ...`, in one process or under torchrun (DDP)."""
 
     import torch
 
-    from protonets.encoders import create_encoder, with_image_size
-    from protonets.siamese.training import SiameseConfig, SiameseTrainer
+    from protonets.encoders.distributed import all_ranks_agree, broadcast, finish
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_output(args)
-    split, val_split = splits(args)
     if args.freeze_encoder:
-        return _frozen(args, split, val_split)
-    given = {k: v for k, v in given_options(args).items() if k not in ("metric", "augment")}
-    extra = {
-        "loss": args.loss,
-        "hard_fraction": args.hard_fraction,
-        "proto_weight": args.proto_weight,
-        "hidden": args.hidden,
-        "product": not args.no_product,
-        "reduce": args.reduce,
-        "augment": "affine" if args.affine else (args.augment or "none"),
-    }
-    if args.resume:
-        from protonets.training.checkpoint import load_state
+        if launched_by_torchrun():
+            raise UserInputError("--freeze-encoder runs in one process: launch it without torchrun")
+        check_output(args)
+        return _frozen(args, *splits(args))
+    world, device = start_world(args)
+    saved: dict[str, Any] | None = None
+    with all_ranks_agree(world):  # checks: bad input on any rank stops every rank
+        if world.is_main:  # rank 0 alone reads and writes the output folder
+            check_output(args)
+            if args.resume:
+                from protonets.training.checkpoint import load_state
+                from protonets.training.ddp import check_world_size
 
-        saved, _ = load_state(args.output)
-        config = SiameseConfig.from_dict(saved["config"])
-        config.episodes = given.get("episodes", config.episodes)
-        name, preprocessing = saved["model"], saved["preprocessing"]
-    else:
-        config = SiameseConfig(**{**extra, **given})
-        name, preprocessing = args.encoder or "conv4", None
-    torch.manual_seed(config.seed)
-    encoder = create_encoder(
-        name,
-        pretrained=args.pretrained and not args.resume,
-        device=resolve_device(args.device),
-        preprocessing=preprocessing,
-    )
-    encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
-    train = load_images(args, split, encoder.preprocessing, "training images")
-    val = load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
-    meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
-    trainer = SiameseTrainer(
-        encoder, train, val, config, output=args.output, progress=not args.quiet, meta=meta
-    )
+                saved, _ = load_state(args.output)
+                check_world_size(saved, world, args.output)
+    saved = broadcast(world, saved)
+    with all_ranks_agree(world):
+        trainer, config, name, val = _build(args, saved, device, world)
     if args.resume:
         trainer.resume()
     result = trainer.fit()
+    finish(world)
+    if not world.is_main:
+        return 0
     if val is not None:
         calibrate_on_images(trainer, val, args.far, config.seed, args.output)
     print(f"trained {name} + Siamese head for {result.step} steps in {result.elapsed_s:.0f} s")
@@ -150,6 +134,48 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"checkpoint: {args.output}")
     return 0
+
+
+def _build(args: argparse.Namespace, saved: dict[str, Any] | None, device: str, world: World) -> tuple:
+    """(trainer, config, encoder name, validation images or None) of a Siamese run."""
+    import torch
+
+    from protonets.encoders import create_encoder, with_image_size
+    from protonets.siamese.training import SiameseConfig, SiameseTrainer
+
+    split, val_split = splits(args)
+    given = {k: v for k, v in given_options(args).items() if k not in ("metric", "augment")}
+    extra = {
+        "loss": args.loss,
+        "hard_fraction": args.hard_fraction,
+        "proto_weight": args.proto_weight,
+        "hidden": args.hidden,
+        "product": not args.no_product,
+        "reduce": args.reduce,
+        "augment": "affine" if args.affine else (args.augment or "none"),
+    }
+    if saved is not None:
+        config = SiameseConfig.from_dict(saved["config"])
+        config.episodes = given.get("episodes", config.episodes)
+        name, preprocessing = saved["model"], saved["preprocessing"]
+    else:
+        config = SiameseConfig(**{**extra, **given})
+        name, preprocessing = args.encoder or "conv4", None
+    torch.manual_seed(config.seed)
+    encoder = create_encoder(
+        name,
+        pretrained=args.pretrained and not args.resume,
+        device=device,
+        preprocessing=preprocessing,
+    )
+    encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
+    train = load_images(args, split, encoder.preprocessing, "training images")
+    val = load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
+    meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
+    trainer = SiameseTrainer(
+        encoder, train, val, config, output=args.output, progress=not args.quiet, meta=meta, world=world
+    )
+    return trainer, config, name, val
 
 
 def calibrate_on_images(

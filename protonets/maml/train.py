@@ -6,6 +6,9 @@ meta-batch of `meta_batch` episodes, each adapted on its support set by `inner_s
 fixed validation episode's support set (`eval_inner_steps`) and scores its queries. Everything
 else — learning-rate schedule, best checkpoint, resume, seeds, progress, JSON-lines log,
 safetensors — is the episodic trainer's. (`config.episodes` counts meta-steps here.)
+Under `torchrun` the meta-batch is split across the ranks (each draws its share of the tasks)
+and the meta-gradients are summed, each weighted by its rank's share: the gradient of the mean
+query loss over the whole meta-batch, as in one process.
 
 The best checkpoint is the trainer's encoder checkpoint (`create_encoder(checkpoint_path=DIR)`
 loads the body) plus `DIR/maml/`: the head, learned inner step sizes and settings, which
@@ -27,6 +30,7 @@ from torch import nn
 
 from protonets.encoders import Encoder, create_encoder, weights_sha256
 from protonets.encoders.atomic import load_bundle, save_bundle
+from protonets.encoders.distributed import World
 from protonets.encoders.errors import UserInputError
 
 from ..episodes import split_episodes
@@ -128,6 +132,21 @@ class MetaMethod:
             data.device
         )
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        world = data.world
+        if meta_config.meta_batch < world.size:
+            raise UserInputError(
+                f"--meta-batch {meta_config.meta_batch} is split across {world.size} processes: "
+                f"give at least one task per process (--meta-batch {world.size} or more)"
+            )
+        self.tasks_here = len(world.share(meta_config.meta_batch))  # this rank's share
+        self.world: World | None = None  # set by `distribute`
+
+    def distribute(self, world: World) -> None:
+        """Under torchrun: start from rank 0's weights; average the meta-gradients (`train_step`)."""
+        from ..training.ddp import broadcast_module
+
+        broadcast_module([self.learner])
+        self.world = world
 
     def _tasks(self, index: torch.Tensor, images: torch.Tensor | None, shots: int) -> TaskBatch:
         batch = self.data.inputs(index, images)
@@ -137,9 +156,13 @@ class MetaMethod:
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One meta-batch of episodes, one Adam step on the meta-gradient; (loss, accuracy)."""
-        tasks = self._tasks(self.data.sample(self.meta_config.meta_batch), None, self.data.config.shots)
+        tasks = self._tasks(self.data.sample(self.tasks_here), None, self.data.config.shots)
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self.learner.meta_backward(tasks)
+        if self.world is not None:
+            from ..training.ddp import average_gradients
+
+            average_gradients(self.learner.parameters(), self.tasks_here / self.meta_config.meta_batch)
         self.optimizer.step()
         acc = (logits.argmax(-1) == tasks.query_y).float().mean()
         return torch.tensor(loss), acc
@@ -210,12 +233,13 @@ class MetaTrainer(EpisodicTrainer):
         progress: bool = True,
         model_kwargs: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
+        world: World | None = None,
     ) -> None:
         if val is not None:
             require_head_width(config)
         super().__init__(
             encoder, train, val, config, output, progress, model_kwargs, meta,
-            method=lambda data: MetaMethod(data, meta_config),
+            method=lambda data: MetaMethod(data, meta_config), world=world,
         )  # fmt: skip
         self.meta_config = meta_config
         self.learner = self.method.learner

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,9 +29,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from protonets.encoders import FingerprintMismatchError, UserInputError
-from protonets.encoders.atomic import bundle_lock, check_bundle_target, load_bundle, save_bundle
+from protonets.encoders.atomic import bundle_lock, check_bundle_target, load_bundle, save_bundle, sha256_file
 
-from . import indexes
+from . import indexes, ondisk
 from ._inputs import as_labels, as_matrix, normalized
 from .indexes import IndexParams
 from .options import FORMAT_VERSION, INDEX_KINDS, KIND, METRICS, MODES  # noqa: F401 - re-exported
@@ -211,7 +212,11 @@ class SupportMemory:
             new = SupportMemory.__new__(SupportMemory)
             for key, value in self.__dict__.items():
                 if key == "_index" and value is not None:
-                    value = faiss.clone_index(value)
+                    value = (
+                        faiss.clone_index(value) if ondisk.ondisk_lists(value) is None else _ram_clone(value)
+                    )
+                elif key == "_vectors" and isinstance(value, np.memmap):
+                    value = np.array(value)
                 elif key not in locks and key != "_table":
                     value = copy.deepcopy(value, memo)
                 new.__dict__[key] = value
@@ -244,6 +249,11 @@ class SupportMemory:
         """What answers k-NN searches now: 'flat' (exact) or the faiss index kind."""
         return "flat" if self._index is None else indexes.kind_of(self._index)
 
+    @property
+    def on_disk(self) -> bool:
+        """True while the inverted lists (and vectors) are memory-mapped from the saved files."""
+        return ondisk.ondisk_lists(self._index) is not None
+
     def class_counts(self) -> dict[str | int, int]:
         """Vectors per class."""
         return {name: int(c) for name, c in zip(self._names, self._counts) if c > 0}
@@ -262,6 +272,8 @@ class SupportMemory:
                 "keep_vectors": self.keep_vectors,
                 "encoder": (self.encoder_fingerprint or {}).get("model"),
             }
+            if self.on_disk:
+                out["on_disk"] = True
             if isinstance(self._index, faiss.IndexIVF):
                 out["nlist"] = int(self._index.nlist)
                 out["nprobe"] = self._nprobe()
@@ -290,6 +302,7 @@ class SupportMemory:
         if not len(x):
             return
         with self._lock.write():
+            self._unmap()
             if self._index is None and not self.keep_vectors:
                 self._index = self._trained_index(x, max(len(x), self.expected_size or 0))
             slots = np.array([self._slot(name) for name in names], dtype=np.int32)
@@ -318,6 +331,7 @@ class SupportMemory:
         with self._lock.write():
             if self._n:
                 raise ValueError("train() must come before the first add()")
+            self._unmap()
             self._index = self._trained_index(x, max(len(x), self.expected_size or 0))
 
     def remove(self, label: str | int) -> int:
@@ -327,6 +341,7 @@ class SupportMemory:
             if slot is None or self._counts[slot] == 0:
                 raise UserInputError(f"class {label!r} is not in this memory")
             ids = np.flatnonzero(self._labels[: self._n] == slot)
+            self._unmap()
             self._labels[ids] = -1
             self._count -= len(ids)
             self._sums[slot] = 0.0
@@ -379,6 +394,7 @@ class SupportMemory:
         if not self.keep_vectors:
             raise ValueError("rebuild() needs the raw vectors; this memory was made with keep_vectors=False")
         with self._lock.write():
+            self._unmap()
             self._compact()
             self._index = None
             self._restructure(force=True)
@@ -447,9 +463,11 @@ class SupportMemory:
         with self._save_lock, self._lock.read():
             n, n_cls = self._n, len(self._names)
             labels = self._labels[:n]
+            on_disk = self.on_disk
             manifest = {
                 "kind": KIND,
-                "format_version": FORMAT_VERSION,
+                # format 2 adds the on-disk layout (lists.ivfdata); other memories stay format 1
+                "format_version": FORMAT_VERSION if on_disk else 1,
                 "dim": self.dim,
                 "metric": self.metric,
                 "index": self.index_kind,
@@ -472,12 +490,19 @@ class SupportMemory:
                 ),
             }
             if self._vectors is not None:
-                files["vectors.npy"] = _npy_writer(self._vectors[:n])
+                v = self._vectors
+                mapped = isinstance(v, np.memmap) and v.filename and v.shape == (n, self.dim)
+                files["vectors.npy"] = _link_writer(v.filename) if mapped else _npy_writer(v[:n])
             if self._hashes[:n].any():
                 files["sources.npy"] = _npy_writer(self._hashes[:n])
             if self._index is not None:
                 index = self._index
-                files["index.faiss"] = lambda p: faiss.write_index(index, p)
+                if on_disk:  # the lists file first: the index file names it
+                    named: dict[str, str] = {}
+                    files["lists.ivfdata"] = _link_writer(ondisk.ondisk_lists(index).filename, named)
+                    files["index.faiss"] = _ondisk_index_writer(index, named)
+                else:
+                    files["index.faiss"] = lambda p: faiss.write_index(index, p)
             save_bundle(directory, manifest, files)
 
     @classmethod
@@ -504,16 +529,22 @@ class SupportMemory:
             memory.save(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], encoder: Any = None) -> SupportMemory:
+    def load(
+        cls, directory: str | os.PathLike[str], encoder: Any = None, *, mmap: bool = True
+    ) -> SupportMemory:
         """Load a saved memory, verifying every file's checksum.
 
         `encoder` (an `protonets.encoders.Encoder` or its fingerprint dict) makes load refuse a memory
         built with another encoder. Refuses truncated or altered files and newer formats.
+        A memory saved on disk (`memory build --on-disk` or under torchrun) is memory-mapped: its
+        inverted lists and raw vectors stay in the files (read-only) and only the pages searches
+        touch become resident; `mmap=False` reads them into RAM. Adding to or removing from a
+        mapped memory reads it into RAM first (it is then saved in the ordinary layout).
         """
         directory = os.fspath(directory)
         manifest, files = load_bundle(directory, KIND, FORMAT_VERSION)
         try:
-            mem = cls._from_manifest(manifest, files)
+            mem = cls._from_manifest(manifest, files, mmap)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise UserInputError(
                 f"'{directory}' is not a consistent SupportMemory ({exc}); save it again"
@@ -536,7 +567,7 @@ class SupportMemory:
         return mem
 
     @classmethod
-    def _from_manifest(cls, m: dict[str, Any], files: dict[str, str]) -> SupportMemory:
+    def _from_manifest(cls, m: dict[str, Any], files: dict[str, str], mmap: bool = True) -> SupportMemory:
         p = m["params"]
         mem = cls(
             int(m["dim"]),
@@ -568,15 +599,22 @@ class SupportMemory:
         alive = labels[labels >= 0]
         if not np.array_equal(np.bincount(alive, minlength=len(names)), counts):
             raise ValueError("class counts disagree with the labels file")
+        on_disk = "lists.ivfdata" in files
         if mem.keep_vectors:
-            vectors = np.load(files["vectors.npy"], allow_pickle=False)
+            mode = "c" if on_disk and mmap else None  # copy-on-write: never written back
+            vectors = np.load(files["vectors.npy"], allow_pickle=False, mmap_mode=mode)
             if vectors.dtype != np.float32 or vectors.shape != (n, mem.dim):
                 raise ValueError(
                     f"vectors file holds {vectors.dtype} {vectors.shape}, expected float32 ({n}, {mem.dim})"
                 )
             mem._vectors = vectors
         if "index.faiss" in files:
-            index = faiss.read_index(files["index.faiss"])
+            if on_disk:
+                index = ondisk.read_mapped_index(files["index.faiss"], files["lists.ivfdata"])
+                if not mmap:
+                    ondisk.lists_to_ram(index)
+            else:
+                index = faiss.read_index(files["index.faiss"])
             expected = n if isinstance(index, faiss.IndexHNSW) else len(alive)
             if index.d != mem.dim or index.ntotal != expected:
                 raise ValueError(
@@ -602,6 +640,36 @@ class SupportMemory:
         return mem
 
     # -- internals: storage ----------------------------------------------------------------
+    def _unmap(self) -> None:
+        """Read mapped vectors and inverted lists into RAM (before anything changes them)."""
+        if isinstance(self._vectors, np.memmap):
+            self._vectors = np.array(self._vectors)
+        if self._index is not None:
+            ondisk.lists_to_ram(self._index)
+
+    def _adopt(
+        self,
+        *,
+        index: faiss.Index,
+        vectors: np.ndarray,
+        labels: np.ndarray,
+        names: list[str | int],
+        sums: np.ndarray,
+        counts: np.ndarray,
+    ) -> None:
+        """Take over the parts of a memory built elsewhere (`ondisk.build`): rows 0…n-1, all alive,
+        `labels[i]` the class slot of row i in `names`."""
+        n = len(labels)
+        self._index, self._vectors, self._labels = index, vectors, labels
+        self._hashes = np.zeros((n, _HASH_BYTES), np.uint8)
+        self._names = list(names)
+        self._slots = {name: i for i, name in enumerate(self._names)}
+        self._sums, self._counts = sums, counts
+        self._n = self._count = n
+        self._trained_on = n
+        self._calibration = None
+        self._table = None
+
     def _slot(self, name: str | int) -> int:
         """The class slot of `name`, opening one (grown geometrically) for a new class."""
         slot = self._slots.get(name)
@@ -683,18 +751,21 @@ class SupportMemory:
             if isinstance(index, faiss.IndexIVF):
                 self._calibrate()
 
-    def _calibrate(self) -> None:
+    def _calibrate(self, exact_ids: np.ndarray | None = None) -> None:
         """Pick nprobe: the fewest lists for which the lower 95% (Wilson) bound of the top-1 class
         agreement with exact search reaches TARGET_AGREEMENT on a sample of stored vectors, each
-        queried leaving itself out."""
+        queried leaving itself out. `exact_ids`: the probes' exact top-2 ids, when computed
+        elsewhere (each rank of a sharded build over its own rows)."""
         rows = indexes.sample_rows(self._n, min(indexes.CALIBRATION_PROBES, self._n), seed=1)
-        rows = rows[self._labels[rows] >= 0]
+        alive = self._labels[rows] >= 0
+        rows = rows[alive]
         probes = self._vectors[rows]
 
         def best_other(ids: np.ndarray) -> np.ndarray:
             return np.where(ids[:, 0] == rows, ids[:, 1], ids[:, 0])
 
-        want = self._labels[best_other(self._exact(probes, 2)[1])]
+        exact = self._exact(probes, 2)[1] if exact_ids is None else exact_ids[alive]
+        want = self._labels[best_other(exact)]
         self._calibration = None
         nlist = self._index.nlist
         for nprobe in [p for p in indexes.NPROBE_STEPS if p < nlist] + [nlist]:
@@ -880,6 +951,48 @@ def _hash_rows(sources: Sequence[str] | None, n: int) -> np.ndarray:
         except (TypeError, ValueError):
             raise ValueError(f"sources[{i}] is {text!r:.60}, not a hex sha256 (32+ digits)") from None
     return out
+
+
+def _ram_clone(index: faiss.Index) -> faiss.Index:
+    """An in-RAM copy of an index whose lists are mapped (faiss cannot clone those)."""
+    flags = faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY
+    copy_ = faiss.deserialize_index(faiss.serialize_index(index), flags)
+    lists = ondisk.ondisk_lists(copy_)
+    lists.filename = ondisk.ondisk_lists(index).filename
+    lists.do_mmap()
+    ondisk.lists_to_ram(copy_)
+    return copy_
+
+
+def _link_writer(source: str, named: dict[str, str] | None = None):  # noqa: ANN202
+    """Write an existing, never-modified file: a hard link where possible, else a copy. With
+    `named`, record the bundle name it will get (`lists-<sha256[:16]>.ivfdata`)."""
+
+    def write(path: str) -> None:
+        os.unlink(path)
+        try:
+            os.link(source, path)
+        except OSError:
+            shutil.copyfile(source, path)
+        if named is not None:
+            named["lists"] = f"lists-{sha256_file(path)[:16]}.ivfdata"
+
+    return write
+
+
+def _ondisk_index_writer(index: faiss.Index, named: dict[str, str]):  # noqa: ANN202
+    """Write an index with mapped lists, naming its lists file by its bundle name (same folder)."""
+
+    def write(path: str) -> None:
+        lists = ondisk.ondisk_lists(index)
+        mapped = lists.filename
+        lists.filename = named["lists"]
+        try:
+            faiss.write_index(index, path)
+        finally:
+            lists.filename = mapped
+
+    return write
 
 
 def _npy_writer(array: np.ndarray):  # noqa: ANN202

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from protonets.encoders import Encoder
+from protonets.encoders.distributed import World
 from protonets.encoders.errors import UserInputError
 
 from ..episodes import EpisodeSampler, split_episodes
@@ -77,15 +78,35 @@ class SiameseMethod:
         self.head = SiameseHead(probe.shape[-1], cfg.hidden, cfg.product, cfg.reduce).to(data.device)
         params = [*self.model.parameters(), *self.head.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.forward = self.batch_loss
+
+    def distribute(self, world: World) -> None:
+        """Under torchrun: the batch loss through DistributedDataParallel (gradients averaged)."""
+        from ..training.ddp import data_parallel
+
+        parts = {"model": self.model, "head": self.head}
+        self.forward = data_parallel(parts, self.batch_loss, self.data.device)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg: SiameseConfig = self.data.config  # type: ignore[assignment]
-        generator, device = self.data.generator, self.data.device
+        generator = self.data.generator
         batch = self.data.inputs(self.data.sample())  # P classes × K images
         if cfg.augment == "affine":
             batch = affine_augment(batch, generator)
         else:
             batch = augment(batch, cfg.augment, generator)
+        loss, pair_logits, same = self.forward(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            acc = ((pair_logits > 0) == same).float().mean()  # pair accuracy
+        return loss.detach(), acc
+
+    def batch_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, pair logits, pair is same class) of a P×K batch's model inputs."""
+        cfg: SiameseConfig = self.data.config  # type: ignore[assignment]
+        generator, device = self.data.generator, self.data.device
         emb = self.data.encoder.features(batch)
         labels = torch.arange(cfg.ways, device=device).repeat_interleave(cfg.shots + cfg.queries)
         with torch.no_grad():  # all pairs' scores for mining; gradients only through the chosen
@@ -100,12 +121,7 @@ class SiameseMethod:
             support, s_labels, query, q_labels = split_episodes(episode, cfg.shots)
             logits = self.proto.episode_logits(support, s_labels, query, cfg.ways)
             loss = loss + cfg.proto_weight * F.cross_entropy(logits[0], q_labels[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            acc = ((pair_logits > 0) == same).float().mean()  # pair accuracy
-        return loss.detach(), acc
+        return loss, pair_logits, same
 
     def validate(self) -> dict[str, float]:
         return validate_head(self.data, self.head)
@@ -149,10 +165,11 @@ class SiameseTrainer(EpisodicTrainer):
         model_kwargs: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
         val_episodes: torch.Tensor | None = None,
+        world: World | None = None,
     ) -> None:
         super().__init__(
             encoder, train, val, config, output, progress, model_kwargs, meta,
-            method=SiameseMethod, val_episodes=val_episodes,
+            method=SiameseMethod, val_episodes=val_episodes, world=world,
         )  # fmt: skip
 
 

@@ -5,6 +5,11 @@ small `Method` run by `TrainLoop`: the method knows how to take a step, score th
 data and save its best checkpoint; the loop does the rest once — the learning-rate schedule,
 running means and the progress bar, the best state (in memory, and on disk through the method),
 the JSON-lines log, the resume state (weights, optimiser, RNG states) and continuing from it.
+
+Under `torchrun` (a `world` of several ranks) every rank takes the same steps on its own episodes
+(a method's `distribute(world)` wraps it for DistributedDataParallel); rank 0 alone validates,
+shows progress and writes the checkpoint, the log and the resume state, which holds every rank's
+RNG states and the world size (a resume needs the same number of processes).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from protonets.encoders.distributed import World, all_gather, all_ranks_agree, broadcast
 from protonets.encoders.errors import UserInputError
 from protonets.encoders.progress import progress_bar
 
@@ -29,7 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class Method(Protocol):
-    """What one kind of training brings to `TrainLoop`."""
+    """What one kind of training brings to `TrainLoop`.
+
+    Under torchrun a method also has `distribute(world)`: from then on its steps average their
+    gradients over the ranks (DistributedDataParallel), starting from rank 0's weights.
+    """
 
     optimizer: torch.optim.Optimizer
 
@@ -81,6 +91,7 @@ class TrainLoop:
     validates: whether `method.validate` has data; without, the last state is the best.
     score: orders validation scores (higher is better); best_keys: what `best` keeps of them.
     output: folder for the best checkpoint, the log and the resume state; None keeps all in memory.
+    world: this process's place in a `torchrun` launch (default: a single process).
     """
 
     def __init__(
@@ -101,6 +112,7 @@ class TrainLoop:
         best_keys: tuple[str, ...] = ("val_acc", "val_loss"),
         desc: str = "train",
         unit: str = "ep",
+        world: World | None = None,
     ) -> None:
         self.method = method
         self.seed, self.val_every, self.validates = seed, val_every, validates
@@ -110,6 +122,8 @@ class TrainLoop:
         self.progress, self.device = progress, device or torch.device("cpu")
         self.score, self.best_keys = score, best_keys
         self.desc, self.unit = desc, unit
+        self.world = world or World()
+        self._distributed = False  # the method is wrapped for DDP (once, at the first run)
         self.step = 0
         self.best: dict[str, Any] = {"step": 0, **dict.fromkeys(best_keys)}
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -134,19 +148,40 @@ class TrainLoop:
             "elapsed_s": self.elapsed,
             "param_groups": groups,
             "episode_rng": self.rng.bit_generator.state,
+            "world_size": self.world.size,
         }
         return tensors, manifest
 
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"sampler": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"tensors": state, "episode_rng": self.rng.bit_generator.state}
+
+    def _ranks_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The other ranks' RNG states (`rank<R>.rng.…` tensors, `episode_rng_ranks`); a collective."""
+        gathered = all_gather(self.world, self._rng_state())
+        tensors = {
+            f"rank{r}.rng.{k}": v for r, s in enumerate(gathered[1:], 1) for k, v in s["tensors"].items()
+        }
+        return tensors, {"episode_rng_ranks": [s["episode_rng"] for s in gathered[1:]]}
+
     def load_state(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Restore a state from `state()`; an older state without the episode RNG re-seeds it."""
+        """Restore a state from `state()`; an older state without the episode RNG re-seeds it.
+
+        Under torchrun each rank takes its own RNG states (`rank<R>.rng.…`; rank 0: `rng.…`).
+        """
         self.method.load_weights(tensors)
         ckpt.load_optimizer(self.method.optimizer, tensors, manifest["param_groups"])
-        self.generator.set_state(tensors["rng.sampler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        prefix = "" if self.world.rank == 0 else f"rank{self.world.rank}."
+        self.generator.set_state(tensors[f"{prefix}rng.sampler"])
+        torch.set_rng_state(tensors[f"{prefix}rng.torch"])
+        if f"{prefix}rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors[f"{prefix}rng.cuda"], self.device)
         self.step = int(manifest["step"])
-        if "episode_rng" in manifest:
+        if self.world.rank > 0:
+            self.rng.bit_generator.state = manifest["episode_rng_ranks"][self.world.rank - 1]
+        elif "episode_rng" in manifest:
             self.rng.bit_generator.state = manifest["episode_rng"]
         else:
             log.warning(
@@ -164,21 +199,44 @@ class TrainLoop:
         self._started = True
 
     def save_state(self, manifest: dict[str, Any]) -> None:
-        """Write the resume state (only with an output folder), with `manifest` entries added."""
-        if self.output is not None:
+        """Write the resume state (only with an output folder), with `manifest` entries added.
+
+        Under torchrun every rank must call it (the RNG states are gathered); rank 0 writes.
+        """
+        if self.output is None:
+            return
+        if self.world.distributed:
+            ranks_tensors, ranks_entries = self._ranks_state()
+        if self.world.is_main:
             tensors, entries = self.state()
+            if self.world.distributed:
+                tensors.update(ranks_tensors)
+                entries.update(ranks_entries)
             ckpt.save_state(self.output, tensors, {**manifest, **entries})
 
     def resume(self, check: Callable[[dict[str, Any], str], None] | None = None) -> None:
-        """Continue the run saved in the output folder; `check(manifest, folder)` refuses a mismatch."""
+        """Continue the run saved in the output folder; `check(manifest, folder)` refuses a mismatch.
+
+        Under torchrun rank 0 reads the folder and sends the state to the others (every rank
+        must call this; an error on rank 0 stops all of them).
+        """
+        from .ddp import check_world_size
+
         if self.output is None:
             raise UserInputError("resume needs the output folder of the run to continue")
-        manifest, tensors = ckpt.load_state(self.output)
-        if check is not None:
-            check(manifest, self.output)
+        loaded = None
+        with all_ranks_agree(self.world):
+            if self.world.is_main:
+                manifest, tensors = ckpt.load_state(self.output)
+                check_world_size(manifest, self.world, self.output)
+                if check is not None:
+                    check(manifest, self.output)
+                loaded = (manifest, tensors)
+        manifest, tensors = broadcast(self.world, loaded)
         self.load_state(manifest, tensors)
-        ckpt.truncate_log(self.output, self.step)
-        self.history = ckpt.read_log(self.output)
+        if self.world.is_main:
+            ckpt.truncate_log(self.output, self.step)
+            self.history = ckpt.read_log(self.output)
 
     # -- validation and the best ---------------------------------------------------------------------
     def _clock(self) -> None:
@@ -192,8 +250,19 @@ class TrainLoop:
         return self.score(record) > self.score(self.best)
 
     def checkpoint(self, record: dict[str, Any], manifest: dict[str, Any]) -> None:
-        """Validate, keep the best, save the resume state, log a line."""
+        """Validate, keep the best, save the resume state, log a line.
+
+        Under torchrun rank 0 validates, saves and logs, then sends its record to the others.
+        """
         self._clock()
+        if not self.world.is_main:
+            self.save_state(manifest)  # the RNG states gathered by rank 0
+            record = broadcast(self.world, None)
+            if record["best"]:
+                self.best = {"step": self.step, **{k: record.get(k) for k in self.best_keys}}
+                self.best_weights = _clone(self.method.weights())
+            self.history.append(record)
+            return
         if self.validates:
             record.update(self.method.validate())
             record["best"] = self._is_better(record)
@@ -209,6 +278,7 @@ class TrainLoop:
         self.history.append(record)
         if self.output is not None:
             ckpt.append_log(self.output, record)
+        broadcast(self.world, record)
 
     # -- the loop ------------------------------------------------------------------------------------
     def _lr(self, step: int) -> dict[str, float]:
@@ -220,10 +290,15 @@ class TrainLoop:
         manifest: the caller's entries of the resume state (config, model, data signature …).
         """
         self._tick = time.perf_counter()
+        if self.world.distributed and not self._distributed:
+            from .ddp import rank_seed
+
+            self.method.distribute(self.world)  # type: ignore[attr-defined]
+            self._distributed = True
         if not self._started:
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.seed if not self.world.distributed else rank_seed(self.seed, self.world))
             self._started = True
-            if self.output is not None:
+            if self.output is not None and self.world.is_main:
                 os.makedirs(self.output, exist_ok=True)
                 if os.path.exists(os.path.join(self.output, ckpt.LOG_FILE)):
                     ckpt.truncate_log(self.output, -1)
@@ -237,7 +312,7 @@ class TrainLoop:
         loss_sum = torch.zeros((), device=self.device)
         acc_sum = torch.zeros((), device=self.device)
         count, train_time = 0, 0.0
-        enabled, desc, unit = self.progress, self.desc, self.unit
+        enabled, desc, unit = self.progress and self.world.is_main, self.desc, self.unit
         with progress_bar(total=steps, initial=self.step, enabled=enabled, desc=desc, unit=unit) as bar:
             while self.step < steps:
                 step_start = time.perf_counter()
@@ -289,8 +364,9 @@ class TrainLoop:
         )
 
     def _restore_best(self) -> None:
-        """Leave the method holding the best weights (read back from the output after a resume)."""
-        if self.best_weights is None and self.output is not None:
+        """Leave the method holding the best weights (read back from the output after a resume;
+        under torchrun the other ranks keep their last weights when the best is only on disk)."""
+        if self.best_weights is None and self.output is not None and self.world.is_main:
             self.best_weights = self.method.read_best(self.output)
         if self.best_weights is not None and self.best["step"] != self.step:
             self._last_weights = copy.deepcopy(self.method.weights())

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from protonets.encoders import Encoder, fingerprint_id, model_fingerprint
 from protonets.encoders.checkpoint import read_checkpoint_dir, save_checkpoint
+from protonets.encoders.distributed import World
 from protonets.encoders.errors import UserInputError
 from protonets.encoders.factory import load_state_dict_file
 
@@ -104,6 +105,7 @@ class ImageEpisodes:
     """What an image trainer's method works with: encoder, images, samplers, checkpoint entries.
 
     val_episodes: fixed validation episodes in place of the sampled ones (e.g. within-alphabet).
+    world: under torchrun, each rank draws its own episodes (rank 0 those of a single process).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class ImageEpisodes:
         model_kwargs: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
         val_episodes: torch.Tensor | None = None,
+        world: World | None = None,
     ) -> None:
         expected = tuple(encoder.preprocessing["input_size"])
         for name, data in (("training", train), ("validation", val)):
@@ -126,8 +129,14 @@ class ImageEpisodes:
         self.encoder, self.model, self.device = encoder, encoder.model, encoder.device
         self.train_set, self.val_set, self.config = train, val, config
         self.model_kwargs, self.meta = model_kwargs or {}, meta or {}
-        self.rng = np.random.default_rng(config.seed)  # the episodes
-        self.generator = torch.Generator().manual_seed(config.seed)  # augmentation, pairs
+        self.world = world or World()
+        seed = config.seed
+        if self.world.distributed:
+            from .ddp import rank_seed
+
+            seed = rank_seed(config.seed, self.world)
+        self.rng = np.random.default_rng(seed)  # the episodes
+        self.generator = torch.Generator().manual_seed(seed)  # augmentation, pairs
         self.sampler = EpisodeSampler(
             train.labels, config.ways, config.shots, config.queries, split="training"
         )
@@ -236,14 +245,26 @@ class ProtoNetMethod:
         self.data, self.model = data, data.model
         self.head = create_head("prototype", metric=cfg.metric)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self.episode_loss
+
+    def episode_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, logits, query labels) of one episode's model inputs `[N × (K+Q), C, H, W]`."""
+        cfg = self.data.config
+        embeddings = self.data.encoder.features(batch).view(cfg.ways, cfg.shots + cfg.queries, -1)
+        support, s_labels, query, labels = split_episodes(embeddings, cfg.shots)
+        logits = self.head.episode_logits(support, s_labels, query, cfg.ways)
+        return F.cross_entropy(logits, labels), logits, labels
+
+    def distribute(self, world: World) -> None:
+        """Under torchrun: the episode loss through DistributedDataParallel (gradients averaged)."""
+        from .ddp import data_parallel
+
+        self.forward = data_parallel({"model": self.model}, self.episode_loss, self.data.device)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.data.config
         batch = augment(self.data.inputs(self.data.sample()), cfg.augment, self.data.generator)
-        embeddings = self.data.encoder.features(batch).view(cfg.ways, cfg.shots + cfg.queries, -1)
-        support, s_labels, query, labels = split_episodes(embeddings, cfg.shots)
-        logits = self.head.episode_logits(support, s_labels, query, cfg.ways)
-        loss = F.cross_entropy(logits, labels)
+        loss, logits, labels = self.forward(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -281,6 +302,7 @@ class EpisodicTrainer:
     output: folder for the checkpoint, the JSON-lines log and the resume state; None keeps all
         in memory (tests, benchmarks).
     meta: extra JSON saved in the checkpoint manifest (e.g. the dataset and the command line).
+    world: under torchrun, this process's rank (see `TrainLoop`); default a single process.
     method: builds the method from the `ImageEpisodes` (e.g. `SiameseMethod`); a method may add
         `state_manifest()` entries and a `check_state(manifest, source)` to the resume state.
     """
@@ -298,8 +320,9 @@ class EpisodicTrainer:
         *,
         method: Callable[[ImageEpisodes], Method] = ProtoNetMethod,
         val_episodes: torch.Tensor | None = None,
+        world: World | None = None,
     ) -> None:
-        self.data = ImageEpisodes(encoder, train, val, config, model_kwargs, meta, val_episodes)
+        self.data = ImageEpisodes(encoder, train, val, config, model_kwargs, meta, val_episodes, world)
         self.encoder, self.model, self.device = encoder, encoder.model, encoder.device
         self.config, self.model_kwargs, self.meta = config, self.data.model_kwargs, self.data.meta
         self.method = method(self.data)
@@ -315,6 +338,7 @@ class EpisodicTrainer:
             output=output,
             progress=progress,
             device=encoder.device,
+            world=self.data.world,
         )
 
     # the loop's progress and the method's parts, read through the trainer

@@ -50,10 +50,11 @@ class MetaEpisodes:
         return issubclass(HEADS[method], MAMLHead)
 
     def check_ways(self, ways: int) -> None:
-        """Refuse episodes of another width than the meta-trained head (its weights, step sizes
-        and Proto-MAML init all have the trained number of classes)."""
+        """Refuse episodes of another width than the meta-trained head, unless the learner is
+        Proto-MAML without per-element head step sizes (its head starts at each episode's
+        prototypes, so one checkpoint serves 5-way and 20-way episodes)."""
         trained = self.learner.head.out_features
-        if trained != ways:
+        if trained != ways and not self.learner.any_ways:
             raise UserInputError(
                 f"'{self.source}' was meta-trained for {trained}-way episodes; evaluate it with "
                 f"--ways {trained}, or meta-train another checkpoint with --ways {ways}"
@@ -66,14 +67,15 @@ class MetaEpisodes:
         encoder (no body) adapts on the episodes' `embeddings` from that encoder.
         """
         self.check_ways(episodes.ways)
-        if self.learner.body is None:
-            device = self.learner.head.weight.device
+        learner = self.learner.with_ways(episodes.ways)
+        if learner.body is None:
+            device = learner.head.weight.device
             tasks = episode_tasks(
                 head_features(embeddings), torch.from_numpy(episodes.indices), episodes.shots
             ).to(device)
-            return query_scores(self.learner, tasks, self.steps)[1].cpu().numpy()
+            return query_scores(learner, tasks, self.steps)[1].cpu().numpy()
         return evaluate_episodes(
-            self.learner,
+            learner,
             self.encoder,
             self.items,
             episodes.indices,

@@ -739,5 +739,34 @@ def test_train_command_anil_on_a_frozen_encoder_and_eval_on_its_embeddings(tmp_p
     from protonets.maml.train import create_meta_learner
 
     proto = create_meta_learner(None, 8, 3, MetaConfig(method="anil", frozen_encoder=True, proto_init=True))
-    with pytest.raises(UserInputError, match="meta-trained for 3-way"):  # Proto-MAML heads too
-        MetaEpisodes(proto, encoder, dataset.items).check_ways(4)
+    MetaEpisodes(proto, encoder, dataset.items).check_ways(4)  # Proto-MAML: any number of ways
+    assert proto.with_ways(4).head.out_features == 4
+    tied = create_meta_learner(
+        None, 8, 3, MetaConfig(method="anil", frozen_encoder=True, proto_init=True, meta_sgd=True)
+    )
+    with pytest.raises(UserInputError, match="meta-trained for 3-way"):  # Meta-SGD head step sizes
+        MetaEpisodes(tied, encoder, dataset.items).check_ways(4)
+
+
+def test_a_proto_maml_learner_runs_tasks_of_any_width():
+    """Proto-MAML starts the head at each task's prototypes, so a learner meta-trained 5-way
+    answers 3-way tasks exactly as a 3-way learner with the same body; Meta-SGD head step
+    sizes tie it to its width."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+    five = MetaLearner(nn.Linear(8, 5), body, steps=2, lr=0.3, proto_init="euclidean")
+    three = MetaLearner(nn.Linear(8, 3), body, steps=2, lr=0.3, proto_init="euclidean")
+    x = torch.randn(2, 6, 6)
+    y = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 1, 0, 2, 1, 0]])
+    q = torch.randn(2, 4, 6)
+    assert five.any_ways
+    wide = five.with_ways(3)
+    assert wide.head.out_features == 3 and five.head.out_features == 5 and wide.body is five.body
+    torch.testing.assert_close(wide.predict(x, y, q), three.predict(x, y, q))
+    assert five.with_ways(5) is five
+    tied = MetaLearner(nn.Linear(8, 5), body, proto_init="euclidean", meta_sgd=True)
+    plain = MetaLearner(nn.Linear(8, 5), body)
+    for learner in (tied, plain):
+        assert not learner.any_ways
+        with pytest.raises(ValueError, match="5-way"):
+            learner.with_ways(3)

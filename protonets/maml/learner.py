@@ -16,6 +16,7 @@ BatchNorm semantics are explicit (`batchnorm=`, see `protonets.maml.batchnorm`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,33 @@ class MetaLearner(nn.Module):
                     self.inner_lrs[_lr_key(name)] = nn.Parameter(torch.full_like(p.detach(), float(lr)))
 
     # -- the meta-learned model ------------------------------------------------------------
+    @property
+    def any_ways(self) -> bool:
+        """True when tasks of any number of classes fit: a Proto-MAML head starts at each task's
+        prototypes, so its meta-learned weights are never used, and no per-element step size
+        (Meta-SGD) is tied to its width."""
+        return (
+            self.proto_init is not None
+            and isinstance(self.head, nn.Linear)
+            and not any(key.startswith("head__") for key in self.inner_lrs)
+        )
+
+    def with_ways(self, n_way: int) -> MetaLearner:
+        """This learner for `n_way`-way tasks: itself at its own width; for a learner with
+        `any_ways`, a shallow copy sharing the body with an `n_way`-wide head (else ValueError)."""
+        if not isinstance(self.head, nn.Linear) or self.head.out_features == n_way:
+            return self
+        if not self.any_ways:
+            raise ValueError(
+                f"this learner was meta-trained for {self.head.out_features}-way tasks and its head "
+                f"weights or step sizes depend on that width; it cannot run {n_way}-way tasks"
+            )
+        other = copy.copy(self)
+        other._modules = dict(self._modules)  # the copy's own head; body and step sizes shared
+        weight = self.head.weight
+        other.head = nn.Linear(self.head.in_features, n_way, device=weight.device, dtype=weight.dtype)
+        return other
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The un-adapted model `head(body(x))`."""
         return self.head(x if self.body is None else self.body(x))

@@ -1,0 +1,227 @@
+"""`protonets embed` in one process, and `protonets eval --embeddings` (issue 13, item 1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protonets.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "checkpoints" / "protonet-conv4-omniglot"
+OTHER_CHECKPOINT = REPO / "checkpoints" / "protonet-conv4-omniglot-1shot"
+#: conv4 from a bundled checkpoint: small, offline and quick on the CPU
+ENCODER = ["--encoder", "conv4", "--checkpoint", str(CHECKPOINT), "--device", "cpu"]
+FAST = [*ENCODER, "--workers", "0", "--batch-size", "4", "--quiet"]
+
+
+def make_dataset(root: Path, classes: str = "abc", per_class: int = 4, seed: int = 0) -> Path:
+    """`root/<class>/<i>.png`: small random greyscale images."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(28, 28), dtype=np.uint8)
+            Image.fromarray(pixels, "L").save(root / name / f"{i}.png")
+    return root
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden ones too) -> sha256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("protonets: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+def test_embed_writes_the_portable_format_and_round_trips(data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from protonets.encoders import create_encoder
+    from protonets.encoders.embedding_set import EmbeddingSet
+    from protonets.eval.datasets import load_dataset
+
+    out = tmp_path / "set"
+    assert main(["embed", str(data), "--output", str(out), "--chunk-size", "5", *FAST]) == 0
+    assert capsys.readouterr().out.strip() == f"{out}: 12 embeddings × 64 from 12 images (3 chunks)"
+    assert sorted(os.listdir(out)) == ["embeddings.safetensors", "manifest.json"]  # chunks removed
+    tensors = load_file(out / "embeddings.safetensors")
+    assert tensors["embeddings"].dtype.is_floating_point and tuple(tensors["embeddings"].shape) == (12, 64)
+    assert (
+        str(tensors["embeddings"].dtype) == "torch.float32" and str(tensors["labels"].dtype) == "torch.int64"
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["class_names"] == ["a", "b", "c"]
+    assert manifest["paths"] == [f"{c}/{i}.png" for c in "abc" for i in range(4)]  # relative, in row order
+    assert tensors["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+    encoder = create_encoder("conv4", checkpoint_path=CHECKPOINT)
+    assert manifest["fingerprint"] == encoder.fingerprint
+    loaded = EmbeddingSet.load(out, fingerprint=encoder.fingerprint)
+    dataset = load_dataset("folder", data)
+    direct = encoder.embed(dataset.items, batch_size=4, num_workers=0, progress=False).embeddings
+    assert float((loaded.embeddings - direct).abs().max()) <= 1e-5
+    assert loaded.paths == manifest["paths"] and loaded.labels.tolist() == dataset.labels.tolist()
+
+
+def test_eval_from_embeddings_equals_eval_on_images(data, tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["embed", str(data), "--output", str(out), *FAST]) == 0
+    episodes = ["--ways", "3", "--shots", "1", "2", "--queries", "2", "--episodes", "30", "--seed", "5"]
+    episodes += ["--method", "prototype", "knn", "--quiet"]
+    on_images = [
+        "eval",
+        "--data",
+        str(data),
+        *episodes,
+        *FAST,
+        "--no-cache",
+        "--output",
+        str(tmp_path / "a.json"),
+    ]
+    assert main(on_images) == 0
+    assert main(["eval", "--embeddings", str(out), *episodes, "--output", str(tmp_path / "b.json")]) == 0
+    capsys.readouterr()
+    a = json.loads((tmp_path / "a.json").read_text())
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert a["results"] == b["results"] and len(a["results"]) == 4
+    assert a["encoder"] == b["encoder"] and b["dataset"]["images"] == 12 and b["dataset"]["classes"] == 3
+
+    # an encoder named beside the set must be the one that made it
+    assert main(["eval", "--embeddings", str(out), "--encoder", "resnet18", "--quiet"]) == 2
+    assert "was embedded by conv4" in one_error_line(capsys.readouterr().err)
+    other = ["--encoder", "conv4", "--checkpoint", str(OTHER_CHECKPOINT), "--quiet"]
+    assert main(["eval", "--embeddings", str(out), *episodes, *other]) == 2
+    assert "embedded by another encoder (conv4)" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--data", "DATA"], "--data conflicts with --embeddings"),
+        (["--dataset", "omniglot"], "--dataset conflicts with --embeddings"),
+        (["--split", "test"], "--split conflicts with --embeddings"),
+    ],
+)
+def test_eval_embeddings_conflicts_with_the_image_options(data, tmp_path, capsys, extra, words):
+    extra = [str(data) if e == "DATA" else e for e in extra]
+    assert main(["eval", "--embeddings", str(tmp_path), *extra, "--quiet"]) == 2
+    assert words in one_error_line(capsys.readouterr().err)
+
+
+def test_eval_needs_data_or_embeddings_and_refuses_a_folder_that_is_no_set(tmp_path, capsys):
+    assert main(["eval", "--quiet"]) == 2
+    assert "--data is required" in one_error_line(capsys.readouterr().err)
+    assert main(["eval", "--embeddings", str(tmp_path), "--quiet"]) == 2
+    assert "not an embedding set" in one_error_line(capsys.readouterr().err)
+
+
+def test_bad_inputs_exit_2_with_one_line_before_anything_is_written(data, tmp_path, capsys):
+    out = tmp_path / "set"
+    (data / "c" / "3.png").write_bytes(b"not an image")
+    assert main(["embed", str(data), "--output", str(out), *FAST]) == 2
+    assert "3.png: not a readable image" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+    assert main(["embed", str(data), "--output", str(out), "--skip-bad", *FAST]) == 0
+    capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 11 and "c/3.png" not in manifest["paths"]
+    assert manifest["info"]["skipped"] == ["c/3.png"]
+
+    text = tmp_path / "weights.txt"
+    text.write_text("hello")
+    bad_checkpoint = ["--encoder", "conv4", "--checkpoint", str(text), "--quiet"]
+    assert main(["embed", str(data), "--output", str(tmp_path / "x"), *bad_checkpoint]) == 2
+    assert "weights.txt" in one_error_line(capsys.readouterr().err)
+
+    assert main(["embed", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x"), *FAST]) == 2
+    assert "nowhere" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    assert main(["embed", str(data), "--output", str(a_file), "--skip-bad", *FAST]) == 2
+    assert "is not a folder" in one_error_line(capsys.readouterr().err)
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    assert main(["embed", str(data), "--output", str(foreign), "--skip-bad", *FAST]) == 2
+    assert "holiday.jpg" in one_error_line(capsys.readouterr().err)
+    assert os.listdir(foreign) == ["holiday.jpg"]
+
+
+def test_a_set_of_another_dataset_or_encoder_is_refused_and_untouched_and_force_replaces_it(
+    data, tmp_path, capsys
+):
+    out = tmp_path / "set"
+    assert main(["embed", str(data), "--output", str(out), *FAST]) == 0
+    before = folder_digest(out)
+    other = make_dataset(tmp_path / "other", classes="xy", per_class=3, seed=1)
+    assert main(["embed", str(other), "--output", str(out), *FAST]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "another dataset or encoder" in line and "--force" in line and "12 images" in line
+    other_encoder = [*FAST, "--checkpoint", str(OTHER_CHECKPOINT)]
+    assert main(["embed", str(data), "--output", str(out), *other_encoder]) == 2
+    assert "another dataset or encoder" in one_error_line(capsys.readouterr().err)
+    assert folder_digest(out) == before  # left untouched
+
+    assert main(["embed", str(data), "--output", str(out), *FAST]) == 0  # same dataset and encoder
+    assert main(["embed", str(other), "--output", str(out), *FAST, "--force"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 6 and manifest["class_names"] == ["x", "y"]
+
+
+def test_a_killed_run_resumes_from_its_chunks(data, tmp_path, capsys):
+    """A process killed after two of four chunks: a second run embeds only the other two (the
+    images of the first two are made unreadable in between, so embedding them again would fail)."""
+    from protonets.encoders.embedding_set import EmbeddingSet
+    from protonets.encoders.sharded import KILL_HOOK
+
+    reference = tmp_path / "reference"
+    assert main(["embed", str(data), "--output", str(reference), *FAST]) == 0
+    out = tmp_path / "set"
+    argv = ["embed", str(data), "--output", str(out), "--chunk-size", "3", *FAST]
+    env = {**os.environ, KILL_HOOK: "0:2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "protonets", *argv], env=env, capture_output=True, timeout=120
+    )
+    assert proc.returncode == 137, proc.stderr.decode()[-2000:]
+    chunks = sorted(os.listdir(out / ".shards"))
+    assert [c.split("-")[2:] for c in chunks if c.startswith("chunk-")] == [
+        ["000000000000", "000000000003.safetensors"],
+        ["000000000003", "000000000006.safetensors"],
+    ]
+    other_encoder = [*FAST, "--checkpoint", str(OTHER_CHECKPOINT)]
+    assert main(["embed", str(data), "--output", str(out), *other_encoder]) == 2  # not mixed in
+    assert "unfinished embedding of another" in one_error_line(capsys.readouterr().err)
+
+    for name in ("a/0.png", "a/1.png", "a/2.png", "a/3.png", "b/0.png", "b/1.png"):  # rows 0-5
+        (data / name).write_bytes(b"gone")
+    assert main(argv) == 0
+    assert "(4 chunks, 2 of 4 chunks reused)" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["embeddings.safetensors", "manifest.json"]
+    got, want = EmbeddingSet.load(out), EmbeddingSet.load(reference)
+    assert got.paths == want.paths and float((got.embeddings - want.embeddings).abs().max()) <= 1e-5

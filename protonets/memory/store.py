@@ -31,7 +31,8 @@ from safetensors.numpy import load_file, save_file
 from protonets.encoders import FingerprintMismatchError, UserInputError
 from protonets.encoders.atomic import bundle_lock, check_bundle_target, load_bundle, save_bundle, sha256_file
 
-from . import indexes, ondisk
+from . import _mapped as ondisk
+from . import indexes
 from ._inputs import as_labels, as_matrix, normalized
 from .indexes import IndexParams
 from .options import FORMAT_VERSION, INDEX_KINDS, KIND, METRICS, MODES  # noqa: F401 - re-exported

@@ -135,6 +135,21 @@ def all_ranks_agree(world: World) -> Iterator[None]:
         raise RankError(prefix + message, quiet=not world.is_main)
 
 
+def settle_shared_error(error: BaseException) -> None:
+    """After a `RankError` (rank 0 has printed it): wait until every rank got here, so that no
+    rank exits first and has torchrun stop rank 0 before its line is out."""
+    if isinstance(error, RankError):
+        barrier(current_world())
+
+
+def leave_process_group() -> None:
+    """Leave the process group, if this process joined one (the end of every command)."""
+    import sys
+
+    if "torch.distributed" in sys.modules:  # never imports torch for a command that did not
+        finish(current_world())
+
+
 def finish(world: World) -> None:
     """Leave the process group at the end of a command (no-op outside torchrun)."""
     if world.distributed:

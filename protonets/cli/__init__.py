@@ -37,9 +37,7 @@ def build_parser(command: str | None = None, names_only: bool = False) -> argpar
     """The argument parser; with `command`, only that sub-command's module is imported (the
     others are listed by name and summary), so help and argument errors answer quickly; with
     `names_only`, no sub-command module is imported (`protonets --help`)."""
-    parser = _Parser(
-        prog="protonets", description="Few-shot image classification with pretrained encoders."
-    )
+    parser = _Parser(prog="protonets", description="Few-shot image classification with pretrained encoders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, summary) in COMMANDS.items():
         if (command is None and not names_only) or name == command:
@@ -115,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.run(args) or 0)
     except UserInputError as exc:
         if not getattr(exc, "quiet", False):  # under torchrun, rank 0 alone prints a shared error
-            print(f"protonets: error: {exc}", file=sys.stderr)
+            print(f"protonets: error: {exc}", file=sys.stderr, flush=True)
+        from protonets.encoders.distributed import settle_shared_error
+
+        settle_shared_error(exc)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -123,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("protonets: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from protonets.encoders.distributed import leave_process_group
+
+        leave_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

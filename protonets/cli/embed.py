@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from .common import add_encoder_options, positive_int
 
@@ -61,7 +60,7 @@ def rank_device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protonets.encoders.distributed import RankError, barrier, finish, init_world
+    from protonets.encoders.distributed import init_world
     from protonets.encoders.sharded import EmbedSource, embed_to_folder
 
     from .common import check_device_and_checkpoint
@@ -80,26 +79,17 @@ def run(args: argparse.Namespace) -> int:
         info = {"dataset": dataset.name, "split": args.split}
         return EmbedSource(dataset.items, dataset.labels, dataset.class_names, args.data, encoder, info)
 
-    try:
-        summary = embed_to_folder(
-            args.output,
-            prepare,
-            world,
-            skip_bad=args.skip_bad,
-            force=args.force,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            progress=not args.quiet,
-            chunk_rows=args.chunk_size,
-        )
-    except RankError as exc:  # every rank stops here; rank 0 prints before the others exit,
-        if not exc.quiet:  # as torchrun stops the remaining ranks when the first one exits
-            print(f"protonets: error: {exc}", file=sys.stderr, flush=True)
-            exc.quiet = True
-        barrier(world)
-        raise
-    finally:
-        finish(world)
+    summary = embed_to_folder(  # a shared error reaches `main`, which prints it on rank 0 only
+        args.output,
+        prepare,
+        world,
+        skip_bad=args.skip_bad,
+        force=args.force,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        chunk_rows=args.chunk_size,
+    )
     if summary is not None:
         reused = f", {summary.reused} of {summary.chunks} chunks reused" if summary.reused else ""
         skipped = f", {len(summary.skipped)} unreadable image(s) skipped" if summary.skipped else ""

@@ -244,82 +244,80 @@ def run_build(args: argparse.Namespace) -> int:
 def _build_from_embeddings(args: argparse.Namespace) -> int:
     """`memory build --from-embeddings EMB`: in RAM, or sharded and merged on disk (--on-disk,
     torchrun). Every rank checks the inputs together: bad input anywhere stops all with one line."""
-    from protonets.encoders.distributed import all_ranks_agree, finish, init_world, launched_by_torchrun
+    from protonets.encoders.distributed import all_ranks_agree, init_world, launched_by_torchrun
 
     on_disk = args.on_disk or launched_by_torchrun()
     world = init_world("cpu")
-    try:
-        with all_ranks_agree(world):
-            if on_disk and args.index not in ("ivf", "ivfpq"):
-                why = "under torchrun" if launched_by_torchrun() else "with --on-disk"
-                raise UserInputError(
-                    f"{why}, memory build needs --index ivf or --index ivfpq (got {args.index!r}): "
-                    "only inverted lists are merged on disk"
-                )
-            if args.pq_m is not None and args.index != "ivfpq":
-                raise UserInputError("--pq-m is for --index ivfpq")
-            if not os.path.isdir(args.embeddings):
-                raise UserInputError(
-                    f"--from-embeddings '{args.embeddings}' does not exist or is not a folder; "
-                    "make one with `protonets embed DATA --output EMB`"
-                )
-            from ..memory.ondisk import EmbeddingFile
-
-            emb = EmbeddingFile(args.embeddings, verify=world.is_main)  # one sha256 pass, on rank 0
-            if args.encoder is not None and args.encoder != emb.fingerprint.get("model"):
-                raise UserInputError(
-                    f"--encoder {args.encoder} differs from the encoder that embedded "
-                    f"'{args.embeddings}' ({emb.fingerprint.get('model')}); drop --encoder"
-                )
-            if args.pq_m is not None and emb.dim % args.pq_m:
-                raise UserInputError(f"--pq-m {args.pq_m} must divide the embedding width {emb.dim}")
-            from ..memory import indexes
-
-            if args.index in indexes.MIN_TRAIN and emb.count < indexes.MIN_TRAIN[args.index]:
-                raise UserInputError(
-                    f"'{args.embeddings}' holds {emb.count} rows; an {args.index} memory needs at "
-                    f"least {indexes.MIN_TRAIN[args.index]} to train on (use --index flat)"
-                )
-            if world.is_main:
-                _check_build_target(args, emb.fingerprint)
-        if on_disk:
-            from ..memory.indexes import IndexParams
-            from ..memory.ondisk import build
-
-            o = _index_options(args)
-            params = IndexParams(
-                o["nlist"], o["nprobe"], o["pq_m"], rerank=10 if o["rerank"] is None else o["rerank"]
+    # a shared error reaches `main`, which prints it on rank 0 and leaves the process group
+    with all_ranks_agree(world):
+        if on_disk and args.index not in ("ivf", "ivfpq"):
+            why = "under torchrun" if launched_by_torchrun() else "with --on-disk"
+            raise UserInputError(
+                f"{why}, memory build needs --index ivf or --index ivfpq (got {args.index!r}): "
+                "only inverted lists are merged on disk"
             )
-            memory = build(
-                world,
-                emb,
-                args.directory,
-                kind=args.index,
-                metric=args.metric,
-                params=params,
-                fingerprint=emb.fingerprint,
-                progress=not args.quiet,
+        if args.pq_m is not None and args.index != "ivfpq":
+            raise UserInputError("--pq-m is for --index ivfpq")
+        if not os.path.isdir(args.embeddings):
+            raise UserInputError(
+                f"--from-embeddings '{args.embeddings}' does not exist or is not a folder; "
+                "make one with `protonets embed DATA --output EMB`"
             )
-        else:
-            from protonets.encoders.embedding_set import EmbeddingSet
+        from ..memory.ondisk import EmbeddingFile
 
-            from ..memory import SupportMemory
-
-            data = EmbeddingSet.load(args.embeddings)
-            memory = SupportMemory(
-                data.dim,
-                metric=args.metric,
-                index=args.index,
-                encoder_fingerprint=data.fingerprint,
-                **_index_options(args),
+        emb = EmbeddingFile(args.embeddings, verify=world.is_main)  # one sha256 pass, on rank 0
+        if args.encoder is not None and args.encoder != emb.fingerprint.get("model"):
+            raise UserInputError(
+                f"--encoder {args.encoder} differs from the encoder that embedded "
+                f"'{args.embeddings}' ({emb.fingerprint.get('model')}); drop --encoder"
             )
-            names = list(data.class_names)
-            memory.add(data.embeddings, [names[i] for i in data.labels.tolist()])
-            memory.save(args.directory)
+        if args.pq_m is not None and emb.dim % args.pq_m:
+            raise UserInputError(f"--pq-m {args.pq_m} must divide the embedding width {emb.dim}")
+        from ..memory import indexes
+
+        if args.index in indexes.MIN_TRAIN and emb.count < indexes.MIN_TRAIN[args.index]:
+            raise UserInputError(
+                f"'{args.embeddings}' holds {emb.count} rows; an {args.index} memory needs at "
+                f"least {indexes.MIN_TRAIN[args.index]} to train on (use --index flat)"
+            )
         if world.is_main:
-            _summary("built", args.directory, memory)
-    finally:
-        finish(world)
+            _check_build_target(args, emb.fingerprint)
+    if on_disk:
+        from ..memory.indexes import IndexParams
+        from ..memory.ondisk import build
+
+        o = _index_options(args)
+        params = IndexParams(
+            o["nlist"], o["nprobe"], o["pq_m"], rerank=10 if o["rerank"] is None else o["rerank"]
+        )
+        memory = build(
+            world,
+            emb,
+            args.directory,
+            kind=args.index,
+            metric=args.metric,
+            params=params,
+            fingerprint=emb.fingerprint,
+            progress=not args.quiet,
+        )
+    else:
+        from protonets.encoders.embedding_set import EmbeddingSet
+
+        from ..memory import SupportMemory
+
+        data = EmbeddingSet.load(args.embeddings)
+        memory = SupportMemory(
+            data.dim,
+            metric=args.metric,
+            index=args.index,
+            encoder_fingerprint=data.fingerprint,
+            **_index_options(args),
+        )
+        names = list(data.class_names)
+        memory.add(data.embeddings, [names[i] for i in data.labels.tolist()])
+        memory.save(args.directory)
+    if world.is_main:
+        _summary("built", args.directory, memory)
     return 0
 
 

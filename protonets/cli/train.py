@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from protonets.encoders import DEFAULT_ENCODER
-from protonets.encoders.distributed import World, launched_by_torchrun
+from protonets.encoders.distributed import World
 from protonets.encoders.errors import UserInputError
 
 from . import train_heads, train_maml, train_siamese
@@ -37,7 +37,10 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         "family: N-way K-shot episodes, Adam with a step learning-rate schedule, validation "
         "episodes, best-checkpoint selection and resume. Writes DIR/manifest.json + weights (load "
         "with --checkpoint DIR), DIR/train_log.jsonl and DIR/resume/. With --freeze-encoder (siamese, anil, "
-        "matching, relation, feat) only the head trains, on cached embeddings, in minutes: no DIR/resume/.",
+        "matching, relation, feat) only the head trains, on cached embeddings, in minutes: no DIR/resume/. "
+        "Under torchrun (torchrun --nproc-per-node N -m protonets train ...) every process draws its own "
+        "episode each step and the gradients are averaged (DistributedDataParallel; MAML splits "
+        "--meta-batch): --episodes counts steps of N episodes; rank 0 validates and writes DIR.",
     )
     p.add_argument(
         "--method",
@@ -127,16 +130,15 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "siamese":  # the Siamese head's own branch (cli/train_siamese.py)
         return train_siamese.run(args)
     if args.method in train_heads.METHODS:  # a trainable head alone (cli/train_heads.py)
-        if launched_by_torchrun():
-            raise UserInputError(f"--method {args.method} runs in one process: launch it without torchrun")
+        refuse_torchrun(args, f"--method {args.method}")
         return train_heads.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.freeze_encoder:
+        refuse_torchrun(args, "--freeze-encoder")
     world, device = start_world(args)
     saved: dict[str, Any] | None = None
     with all_ranks_agree(world):  # checks: bad input on any rank stops every rank
-        if args.freeze_encoder:
-            refuse_torchrun(world, "--freeze-encoder")
         if args.freeze_encoder and args.method != "anil":
             raise UserInputError(
                 "--freeze-encoder trains a head alone: use it with --method siamese or anil, "

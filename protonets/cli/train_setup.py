@@ -61,10 +61,14 @@ def start_world(args: argparse.Namespace) -> tuple[World, str]:
     return world, device
 
 
-def refuse_torchrun(world: World, what: str) -> None:
-    """A mode that runs in one process only: a one-line error under torchrun."""
-    if world.distributed:
-        raise UserInputError(f"{what} runs in one process: launch it without torchrun")
+def refuse_torchrun(args: argparse.Namespace, what: str) -> None:
+    """A mode that runs in one process only: under torchrun, one line (from rank 0) and exit 2."""
+    if launched_by_torchrun():
+        from protonets.encoders.distributed import all_ranks_agree
+
+        world, _ = start_world(args)
+        with all_ranks_agree(world):
+            raise UserInputError(f"{what} runs in one process: launch it without torchrun")
 
 
 def splits(args: argparse.Namespace) -> tuple[str | None, str | None]:

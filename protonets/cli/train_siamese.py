@@ -13,10 +13,18 @@ import time
 from typing import Any
 
 from protonets.encoders import resolve_device
-from protonets.encoders.distributed import World, launched_by_torchrun
+from protonets.encoders.distributed import World
 from protonets.encoders.errors import UserInputError
 
-from .train_setup import check_output, frozen_embeddings, given_options, load_images, splits, start_world
+from .train_setup import (
+    check_output,
+    frozen_embeddings,
+    given_options,
+    load_images,
+    refuse_torchrun,
+    splits,
+    start_world,
+)
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -100,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.freeze_encoder:
-        if launched_by_torchrun():
-            raise UserInputError("--freeze-encoder runs in one process: launch it without torchrun")
+        refuse_torchrun(args, "--freeze-encoder")
         check_output(args)
         return _frozen(args, *splits(args))
     world, device = start_world(args)

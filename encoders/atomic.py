@@ -267,16 +267,13 @@ def save_bundle(
                 os.unlink(os.path.join(directory, name))
 
 
-def load_bundle(
-    directory: str | os.PathLike[str], kind: str, max_version: int
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Read and verify a bundle: (manifest, role -> checked file path).
-
-    Refuses, with a UserInputError naming the folder, a missing or unreadable manifest, another
-    kind of bundle, a newer format version, an edited manifest (checksum mismatch; manifests
-    written before checksums existed have none and are read as they are), and a data file that
-    is missing or altered.
-    """
+def read_manifest(
+    directory: str | os.PathLike[str], kind: str, max_version: int, remedy: str = "save again"
+) -> dict[str, Any]:
+    """A folder's verified `manifest.json`: present, JSON, of `kind`, a format version this
+    library reads, and matching its own checksum (manifests from before checksums existed have
+    none and are read as they are). Otherwise one UserInputError naming the folder; `remedy`
+    ends the messages about a damaged manifest ("save again", "run `protonets embed` again" …)."""
     directory = os.fspath(directory)
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
@@ -298,9 +295,27 @@ def load_bundle(
     if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
         raise UserInputError(
             f"'{path}' was edited or damaged: its checksum does not match its contents "
-            "(class names, metric, shapes, parameters…); restore it, or save again from the library "
-            "(rename classes with `protonets memory rename`)"
+            f"(class names, metric, shapes, parameters…); restore it, or {remedy}"
         )
+    return manifest
+
+
+def load_bundle(
+    directory: str | os.PathLike[str], kind: str, max_version: int
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read and verify a bundle: (manifest, role -> checked file path).
+
+    Refuses, with a UserInputError naming the folder, what `read_manifest` refuses, and a data
+    file that is missing or altered.
+    """
+    directory = os.fspath(directory)
+    path = os.path.join(directory, MANIFEST)
+    manifest = read_manifest(
+        directory,
+        kind,
+        max_version,
+        "save again from the library (rename classes with `protonets memory rename`)",
+    )
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise UserInputError(f"'{path}': 'files' is not a table of data files; save again")

@@ -13,7 +13,6 @@ shapes, so an edited or half-replaced set is refused with one line, never silent
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from .atomic import MANIFEST, manifest_checksum, sha256_file, write_atomically, write_json_atomically
+from .atomic import read_manifest as read_bundle_manifest
 from .errors import FingerprintMismatchError, UserInputError
 
 KIND = "protonets.EmbeddingSet"
@@ -137,30 +137,14 @@ class EmbeddingSet:
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The verified manifest of an embedding set folder (kind, version, checksum, fields)."""
-    path = os.path.join(os.fspath(directory), MANIFEST)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(os.fspath(directory), MANIFEST)):
         raise UserInputError(
             f"'{directory}' is not an embedding set (no {MANIFEST}); make one with `protonets embed`"
         )
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"'{path}' is damaged and cannot be read as JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
-        found = manifest.get("kind") if isinstance(manifest, dict) else None
-        raise UserInputError(f"'{directory}' holds a {found or 'unknown object'}, not an embedding set")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UserInputError(
-            f"'{directory}' has format version {version}, newer than this protonets reads "
-            f"({FORMAT_VERSION}); upgrade protonets"
-        )
-    if manifest.get("checksum") != manifest_checksum(manifest):
-        raise UserInputError(
-            f"'{path}' was edited or damaged: its checksum does not match its contents; "
-            "run `protonets embed` again"
-        )
+    manifest = read_bundle_manifest(directory, KIND, FORMAT_VERSION, "run `protonets embed` again")
+    path = os.path.join(os.fspath(directory), MANIFEST)
+    if "checksum" not in manifest:  # every embedding set has one: a missing checksum is an edit
+        raise UserInputError(f"'{path}' has no checksum; run `protonets embed` again")
     for key in ("fingerprint", "class_names", "paths", "count", "dim"):
         if key not in manifest:
             raise UserInputError(f"'{path}' has no '{key}'; run `protonets embed` again")

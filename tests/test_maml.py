@@ -760,7 +760,9 @@ def test_a_proto_maml_learner_runs_tasks_of_any_width():
     y = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 1, 0, 2, 1, 0]])
     q = torch.randn(2, 4, 6)
     assert five.any_ways
+    state = torch.get_rng_state()
     wide = five.with_ways(3)
+    assert torch.equal(torch.get_rng_state(), state)  # no random init of a head nobody reads
     assert wide.head.out_features == 3 and five.head.out_features == 5 and wide.body is five.body
     torch.testing.assert_close(wide.predict(x, y, q), three.predict(x, y, q))
     assert five.with_ways(5) is five

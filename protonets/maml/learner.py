@@ -161,7 +161,11 @@ class MetaLearner(nn.Module):
         other = copy.copy(self)
         other._modules = dict(self._modules)  # the copy's own head; body and step sizes shared
         weight = self.head.weight
-        other.head = nn.Linear(self.head.in_features, n_way, device=weight.device, dtype=weight.dtype)
+        # its weights are never read (each task starts at its prototypes): no random init, so
+        # evaluating never moves the global RNG
+        other.head = nn.utils.skip_init(
+            nn.Linear, self.head.in_features, n_way, device=weight.device, dtype=weight.dtype
+        )
         return other
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

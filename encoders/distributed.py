@@ -1,12 +1,14 @@
 """Runs launched by `torchrun`: rank and world size, each rank's share of a list, errors shared.
 
 Only PyTorch's own runtime (`torch.distributed`: gloo on CPU, NCCL on CUDA); no cluster code of
-ours. A command calls `init_world(device)` once: without torchrun's environment it returns the
-single-process `World()` and nothing else changes. Bad input found on one rank must stop every
-rank with that rank's one-line error, instead of leaving the others waiting in a collective:
-`all_ranks_agree` wraps each checking phase (every rank reaches it, success or not) and re-raises
-the first failing rank's error everywhere, printed by rank 0 only (`RankError.quiet`).
-A rank that crashes outright is stopped together with its peers by torchrun itself.
+ours. A command calls `start_world(device name)` once (or `init_world(device)` for a checked
+device): without torchrun's environment it returns the single-process `World()` and nothing else
+changes. `rank_device` is the one place that maps a rank to its device (GPU LOCAL_RANK).
+Bad input found on one rank must stop every rank with that rank's one-line error, instead of
+leaving the others waiting in a collective: `all_ranks_agree` wraps each checking phase (every
+rank reaches it, success or not) and re-raises the first failing rank's error everywhere,
+printed by rank 0 only (`RankError.quiet`). A rank that crashes outright is stopped together
+with its peers by torchrun itself.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ from typing import Any
 
 from .errors import UserInputError
 
-#: How long a collective may wait for a peer before the run fails (a peer that died is
-#: normally noticed sooner: torchrun stops every rank when one exits with an error).
-TIMEOUT_S = int(os.environ.get("PROTONETS_DIST_TIMEOUT", "1800"))
+#: How long a collective may wait for a peer before the run fails, unless PROTONETS_DIST_TIMEOUT
+#: (seconds) says otherwise: long, because some phases run on rank 0 alone while the others wait
+#: (assembling a 10M-row embedding set, merging an index). A peer that died is noticed sooner:
+#: torchrun stops every rank when one exits.
+TIMEOUT_ENV = "PROTONETS_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 6 * 3600
+#: How long a rank whose own checks failed waits for its peers to share its error.
+_PROBLEM_TIMEOUT_S = 120
 
 
 class RankError(UserInputError):
@@ -63,16 +70,92 @@ def launched_by_torchrun() -> bool:
         return False
 
 
-def init_world(device: str = "cpu") -> World:
-    """Join the process group torchrun set up (gloo for CPU, NCCL for CUDA); `World()` alone."""
+def collective_timeout() -> timedelta:
+    """PROTONETS_DIST_TIMEOUT (seconds, default DEFAULT_TIMEOUT_S); read when a world starts, so
+    a bad value is a one-line error of the command that uses it, not of every import."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise UserInputError(
+            f"{TIMEOUT_ENV}={raw!r}: give the collective timeout in seconds, e.g. "
+            f"{TIMEOUT_ENV}={DEFAULT_TIMEOUT_S}"
+        )
+    return timedelta(seconds=seconds)
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_world(device: str = "cpu", *, timeout: timedelta | None = None) -> World:
+    """Join the process group torchrun set up (gloo for CPU, NCCL for CUDA); `World()` alone.
+
+    `device` must be checked already (see `start_world`, which also shares a bad one's error).
+    """
     if not launched_by_torchrun():
         return World()
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        timeout = timeout or collective_timeout()
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timeout)
+    return World(dist.get_rank(), dist.get_world_size(), _local_rank())
+
+
+def rank_device(name: str) -> str:
+    """This process's device for `--device name`, checked (a `UserInputError` as `resolve_device`
+    gives). Under torchrun, 'cuda' (and 'auto' on a machine with CUDA) is this node's GPU
+    LOCAL_RANK modulo the GPUs it has, made the current device (NCCL's collectives use it);
+    'cuda:N' is refused when several ranks share the node (they would all use GPU N)."""
+    from .device import resolve_device
+
+    device = resolve_device(name)
+    if not (launched_by_torchrun() and device.startswith("cuda")):
+        return device
+    import torch
+
+    if device == "cuda":
+        device = f"cuda:{_local_rank() % torch.cuda.device_count()}"
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise UserInputError(
+            f"--device {name} would put every rank of this node on one GPU; use --device cuda "
+            "(rank LOCAL_RANK takes GPU LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    torch.cuda.set_device(device)
+    return device
+
+
+def start_world(name: str = "cpu") -> tuple[World, str]:
+    """(world, this rank's device) for `--device name`: the device checked and mapped by
+    `rank_device` before any process group exists, then the world joined (`init_world`).
+
+    A bad device (e.g. 'cuda' on a machine without CUDA) or a bad PROTONETS_DIST_TIMEOUT is a
+    `UserInputError` that every rank shares, printed once by rank 0: such a rank joins with the
+    CPU backend (gloo) just to share it. Alone (no torchrun): `World()` and the checked device.
+    """
+    if not launched_by_torchrun():
+        return World(), rank_device(name)
+    problem: UserInputError | None = None
+    try:
+        device, timeout = rank_device(name), collective_timeout()
+    except UserInputError as exc:
+        problem, device, timeout = exc, "cpu", timedelta(seconds=_PROBLEM_TIMEOUT_S)
+    try:
+        world = init_world(device, timeout=timeout)
+    except Exception:
+        if problem is None:
+            raise
+        raise problem from None  # its peers did not join the CPU backend: this rank's own line
+    with all_ranks_agree(world):
+        if problem is not None:
+            raise problem
+    return world, device
 
 
 def current_world() -> World:

@@ -1,12 +1,15 @@
 """Embed a whole dataset into an embedding set folder, in resumable chunks, in one process or many.
 
 The image list is cut into fixed chunks of `chunk_rows` rows (a grid over the whole list, so the
-same chunks serve any number of ranks). Under `torchrun` each rank takes a contiguous block of
-chunks (`World.share`); alone, one process takes them all. Each finished chunk is written
-atomically as `DIR/.shards/chunk-<key>-<start>-<stop>.safetensors` (the embeddings, the rows kept
-and the images skipped), where `<key>` names the encoder fingerprint and the dataset's image
-list. A run that was killed and started again (with any number of ranks) embeds only the chunks
-that are missing. Rank 0 then assembles `DIR` (see `embedding_set.py`) in row order, exactly as a
+same chunks serve any number of ranks). Rank 0 finds the chunks that are missing (chunk headers
+and the images' `stat` only) and tells every rank; under `torchrun` each rank then takes a
+contiguous block of the MISSING chunks (`World.share`), so a resumed run keeps every rank busy;
+alone, one process takes them all. Each finished chunk is written atomically as
+`DIR/.shards/chunk-<key>-<start>-<stop>.safetensors` (the embeddings, the rows kept, the images
+skipped and a digest of its image files' sizes and modification times), where `<key>` names the
+encoder fingerprint and the dataset's image list. A run that was killed and started again (with
+any number of ranks) embeds only the chunks that are missing, or whose image files changed
+since. Rank 0 then assembles `DIR` (see `embedding_set.py`) in row order, exactly as a
 single process would, and removes the chunk files of this run and nothing else.
 
 Every input is checked on every rank before any image is embedded, inside `all_ranks_agree`, so
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .atomic import LOCK_FILE, MANIFEST, TMP_PREFIX, write_atomically, write_json_atomically
-from .distributed import World, all_gather, all_ranks_agree, barrier
+from .distributed import World, all_gather, all_ranks_agree, barrier, broadcast
 from .embedding_set import DATA_FILE, KIND, EmbeddingSet
 from .encoder import Encoder
 from .errors import UserInputError
@@ -183,8 +186,35 @@ def check_output(output: str, key: str, fingerprint: dict[str, Any], signature: 
         )
 
 
-def _chunk_is_reusable(path: str, key: str, rows: range, dim: int, skip_bad: bool) -> bool:
-    """A chunk file of this run and row range, with the right shapes (header read only)."""
+def files_digest(items: Sequence[ImageItem]) -> str:
+    """16 hex digits over each image file's (size, mtime_ns): a chunk embedded from files that
+    were replaced since (an image edited or copied over between a stop and a restart) is not
+    reused. `stat` alone, no file is read; a file that is gone counts as changed."""
+    digest = hashlib.sha256()
+    for item in items:
+        try:
+            st = os.stat(item.path)
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(b"gone\n")
+    return digest.hexdigest()[:16]
+
+
+def _missing_chunks(
+    source: EmbedSource, ranges: list[range], names: dict[int, str], key: str, dim: int, skip_bad: bool
+) -> list[tuple[int, str]]:
+    """(index, files digest) of every chunk that must be embedded (again), in row order."""
+    missing = []
+    for index, rows in enumerate(ranges):
+        files = files_digest(source.items[rows.start : rows.stop])
+        if not _chunk_is_reusable(names[rows.start], key, rows, dim, skip_bad, files):
+            missing.append((index, files))
+    return missing
+
+
+def _chunk_is_reusable(path: str, key: str, rows: range, dim: int, skip_bad: bool, files: str) -> bool:
+    """A chunk file of this run and row range, embedded from the same files (their size and
+    modification time), with the right shapes (header read only)."""
     if not os.path.isfile(path):
         return False
     from safetensors import safe_open
@@ -198,14 +228,14 @@ def _chunk_is_reusable(path: str, key: str, rows: range, dim: int, skip_bad: boo
         start, stop = int(meta["start"]), int(meta["stop"])
     except Exception:  # noqa: BLE001 - a damaged chunk is embedded again
         return False
-    if meta.get("key") != key or (start, stop) != (rows.start, rows.stop):
+    if meta.get("key") != key or (start, stop) != (rows.start, rows.stop) or meta.get("files") != files:
         return False
     if list(shape) != [kept[0], dim] or kept[0] + len(failed) != len(rows):
         return False
     return skip_bad or not failed  # rows skipped earlier are not right without --skip-bad
 
 
-def _write_chunk(path: str, key: str, rows: range, result: Any) -> None:
+def _write_chunk(path: str, key: str, rows: range, files: str, result: Any) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -214,7 +244,13 @@ def _write_chunk(path: str, key: str, rows: range, result: Any) -> None:
         "rows": torch.tensor([rows.start + i for i in result.kept], dtype=torch.int64),
     }
     failed = [[rows.start + i, message] for i, message in result.failed]
-    meta = {"key": key, "start": str(rows.start), "stop": str(rows.stop), "failed": json.dumps(failed)}
+    meta = {
+        "key": key,
+        "start": str(rows.start),
+        "stop": str(rows.stop),
+        "files": files,
+        "failed": json.dumps(failed),
+    }
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -274,11 +310,11 @@ def embed_to_folder(
     world = world or World()
     output = os.fspath(output)
     shards = os.path.join(output, SHARDS)
-    if chunk_rows < 1:
-        raise UserInputError(f"chunk size must be at least 1 row, got {chunk_rows}")
 
     # 1. check everything, on every rank, before anything is written or embedded
     with all_ranks_agree(world):
+        if chunk_rows < 1:
+            raise UserInputError(f"chunk size must be at least 1 row, got {chunk_rows}")
         source = prepare()
         if not source.items:
             raise UserInputError(f"dataset '{source.root}' holds no images to embed")
@@ -289,11 +325,7 @@ def embed_to_folder(
         check_output(output, key, encoder.fingerprint, signature, force)
         dim = encoder.dim
         ranges = chunk_ranges(len(source.items), chunk_rows)
-        mine = [ranges[i] for i in world.share(len(ranges))]
         names = {r.start: os.path.join(shards, chunk_name(key, r)) for r in ranges}
-        todo = [r for r in mine if not _chunk_is_reusable(names[r.start], key, r, dim, skip_bad)]
-        if not skip_bad:  # a bad image: one line naming it, before any batch is embedded
-            check_images([source.items[i] for r in todo for i in r])
     seen = all_gather(world, {"fingerprint": encoder.fingerprint, "signature": signature, "n": len(paths)})
     with all_ranks_agree(world):
         first = seen[0]
@@ -311,6 +343,18 @@ def embed_to_folder(
                     f"rank {rank} sees another image list ({other['n']} images) than rank 0 "
                     f"({first['n']}); every node must see the same dataset at the same path"
                 )
+
+    # which chunks are missing: rank 0 reads the chunk headers and stats the images; then the
+    # MISSING chunks are split across the ranks (a resume keeps every rank busy)
+    missing: list[tuple[int, str]] | None = None
+    if world.is_main:
+        missing = _missing_chunks(source, ranges, names, key, dim, skip_bad)
+    missing = broadcast(world, missing)
+    todo = [(ranges[i], files) for i, files in (missing[j] for j in world.share(len(missing)))]
+    reused = len(ranges) - len(missing)
+    with all_ranks_agree(world):
+        if not skip_bad:  # a bad image: one line naming it, before any batch is embedded
+            check_images([source.items[i] for rows, _ in todo for i in rows])
 
     # 2. rank 0 starts (or continues) the run in DIR/.shards; every rank must see it
     run_file = os.path.join(shards, f"run-{key}.json")
@@ -337,13 +381,13 @@ def embed_to_folder(
                 "every node shares"
             )
 
-    # 3. embed the missing chunks of this rank's share
+    # 3. embed this rank's share of the missing chunks
     with all_ranks_agree(world):
-        total = sum(len(r) for r in todo)
+        total = sum(len(rows) for rows, _ in todo)
         with progress_bar(
             total=total, enabled=progress and world.is_main, desc="embedding", unit="img"
         ) as bar:
-            for written, rows in enumerate(todo, start=1):
+            for written, (rows, files) in enumerate(todo, start=1):
                 result = encoder.embed(
                     source.items[rows.start : rows.stop],
                     batch_size=batch_size,
@@ -351,10 +395,9 @@ def embed_to_folder(
                     progress=False,
                     skip_bad=skip_bad,
                 )
-                _write_chunk(names[rows.start], key, rows, result)
+                _write_chunk(names[rows.start], key, rows, files, result)
                 bar.update(len(rows))
                 _kill_hook(world, written)
-    reused = sum(m - t for m, t in all_gather(world, [len(mine), len(todo)]))
 
     # 4. rank 0 assembles DIR in row order and removes this run's chunk files
     summary = None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from protonets.cli import main
-from tests.test_embed import FAST, OTHER_CHECKPOINT, make_dataset
+from tests.test_embed import FAST, OTHER_CHECKPOINT, make_dataset, spoil
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PROTONETS_DIST_TIMEOUT": "120"}
@@ -143,7 +143,7 @@ def test_a_killed_rank_is_resumed_embedding_only_the_missing_chunks(data, refere
     paths = sorted((data / c / f"{i}.png") for c in "abc" for i in range(4))
     for start in starts:
         for row in range(start, start + 3):
-            paths[row].write_bytes(b"unreadable now")
+            spoil(paths[row])
     single = tmp_path / "single"
     os.system(f"cp -r '{out}' '{single}'")
 
@@ -156,3 +156,60 @@ def test_a_killed_rank_is_resumed_embedding_only_the_missing_chunks(data, refere
     assert main(argv) == 0  # one process resumes the two-rank run
     assert f"{len(starts)} of 4 chunks reused" in capsys.readouterr().out
     assert_same_set(single, reference)
+
+
+def test_a_resume_splits_the_missing_chunks_across_the_ranks(data, reference, tmp_path):
+    """One process killed after chunks 0-2 and 3-5: the missing chunks 6-8 and 9-11 are shared
+    by the two ranks of the resumed run (rank 0 takes 6-8), instead of rank 1 embedding both
+    while rank 0, whose block of the grid is done, waits. A bad image in rows 6-8 shows it."""
+    from protonets.encoders.sharded import KILL_HOOK
+
+    out = tmp_path / "resumed"
+    argv = embed_argv(data, out)
+    proc = subprocess.run(
+        [sys.executable, *argv], env={**ENV, KILL_HOOK: "0:2"}, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    row6 = data / "b" / "2.png"  # rows: a/0-3, b/0-3, c/0-3
+    before, stat = spoil(row6), row6.stat()
+    proc = torchrun(argv)
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "2.png: not a readable image" in lines[0], proc.stderr[-3000:]
+    assert not lines[0].startswith("protonets: error: rank 1: ")  # rank 0 checked rows 6-8
+
+    row6.write_bytes(before)
+    os.utime(row6, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    proc = torchrun(argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(4 chunks, 2 of 4 chunks reused)" in proc.stdout
+    assert_same_set(out, reference)
+
+
+def test_cuda_asked_for_on_a_machine_without_cuda_is_one_line(data, tmp_path):
+    """Checked before the process group (no NCCL on a machine without a GPU): one line, from rank 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "gpu"
+    proc = torchrun(embed_argv(data, out, "--device", "cuda"))
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "--device cuda: no CUDA device is available" in lines[0], proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # the ranks' exit status, as torchrun reports it
+    assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr  # no worker traceback
+    assert not out.exists()
+
+
+def test_a_bad_collective_timeout_is_one_line(data, tmp_path):
+    from protonets.encoders.distributed import DEFAULT_TIMEOUT_S
+
+    assert DEFAULT_TIMEOUT_S >= 3 * 3600  # rank-0-only phases (assembly, index merge) take long
+    out = tmp_path / "timeout"
+    proc = torchrun(embed_argv(data, out), env={**ENV, "PROTONETS_DIST_TIMEOUT": "30m"})
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "PROTONETS_DIST_TIMEOUT='30m'" in lines[0], proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # the ranks' exit status, as torchrun reports it
+    assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr  # no worker traceback

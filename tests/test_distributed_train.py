@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -184,3 +185,68 @@ def test_resume_with_another_world_size_under_torchrun_is_one_error(folder, tmp_
     lines = error_lines(run.stdout + run.stderr)
     assert len(lines) == 1 and "trained by 1 process(es) and this launch has 2" in lines[0], lines
     assert [r["step"] for r in read_log(out)] == [0, 2]  # nothing written
+
+
+def test_cuda_asked_for_on_a_machine_without_cuda_is_one_line(folder, tmp_path):
+    """The device is checked before the process group (NCCL) exists: one line, from rank 0."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = torchrun(*train_args(folder, tmp_path / "run", 2, "--device", "cuda", "--quiet"))
+    assert run.returncode != 0
+    assert "exitcode  : 2" in run.stderr and "NCCL" not in run.stderr
+    assert "[rank0]" not in run.stderr and "[rank1]" not in run.stderr  # no worker traceback
+    lines = error_lines(run.stdout + run.stderr)
+    assert len(lines) == 1 and "--device cuda: no CUDA device is available" in lines[0], run.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_option_error_found_before_training_is_printed_once(folder, tmp_path):
+    argv = train_args(folder, tmp_path / "run", 2, "--method", "siamese", "--init-checkpoint", tmp_path)
+    run = torchrun(*argv)
+    assert run.returncode != 0 and "exitcode  : 2" in run.stderr
+    lines = error_lines(run.stdout + run.stderr)
+    assert len(lines) == 1 and "--init-checkpoint starts the encoder" in lines[0], lines
+
+
+def test_a_bad_collective_timeout_does_not_break_help():
+    env = {**ENV, "PROTONETS_DIST_TIMEOUT": "30m"}
+    run = subprocess.run(
+        [sys.executable, "-m", "protonets", "train", "--help"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "usage:" in run.stdout, run.stderr[-2000:]
+
+
+def test_nodes_with_different_data_refuse_to_train(folder, tmp_path):
+    """Two "nodes" (two torchrun launches) given different copies of the dataset: one line naming
+    rank 1, before any step; each node's ranks exit with status 2."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    image = other / "c0" / "0.png"
+    Image.fromarray(255 - np.array(Image.open(image))).save(image)  # one image differs
+    out = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+
+    def node(rank: int, data: Path) -> subprocess.Popen:
+        launch = ("--nnodes", "2", "--node-rank", str(rank), "--rdzv-backend", "c10d")
+        launch += ("--rdzv-endpoint", endpoint, "--rdzv-id", "data")
+        argv = train_args(data, out, 2, "--quiet")
+        return torchrun(*argv, nproc=1, launch=launch, wait=False)
+
+    launches = [node(0, folder), node(1, other)]
+    outputs = []
+    try:
+        for launch in launches:
+            outputs.append(launch.communicate(timeout=300)[0])
+    finally:
+        for launch in launches:
+            if launch.poll() is None:
+                launch.kill()
+                launch.wait()
+    assert all(launch.returncode != 0 for launch in launches), outputs
+    text = "".join(outputs)
+    lines = error_lines(text)
+    assert len(lines) == 1 and "rank 1 would train on other data" in lines[0], text[-3000:]
+    assert "exitcode  : 2" in text
+    assert not (out / "train_log.jsonl").exists()

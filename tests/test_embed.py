@@ -43,6 +43,15 @@ def folder_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def spoil(path: Path) -> bytes:
+    """Make an image unreadable without changing its size or modification time (so embedding it
+    again would fail, while a chunk of it still counts as current); its old bytes."""
+    before, stat = path.read_bytes(), path.stat()
+    path.write_bytes(b"x" * len(before))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return before
+
+
 def one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("protonets: error: "), err
@@ -219,9 +228,32 @@ def test_a_killed_run_resumes_from_its_chunks(data, tmp_path, capsys):
     assert "unfinished embedding of another" in one_error_line(capsys.readouterr().err)
 
     for name in ("a/0.png", "a/1.png", "a/2.png", "a/3.png", "b/0.png", "b/1.png"):  # rows 0-5
-        (data / name).write_bytes(b"gone")
+        spoil(data / name)
     assert main(argv) == 0
     assert "(4 chunks, 2 of 4 chunks reused)" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["embeddings.safetensors", "manifest.json"]
     got, want = EmbeddingSet.load(out), EmbeddingSet.load(reference)
+    assert got.paths == want.paths and float((got.embeddings - want.embeddings).abs().max()) <= 1e-5
+
+
+def test_images_replaced_between_a_stop_and_a_restart_are_embedded_again(data, tmp_path, capsys):
+    """A chunk is reused only while its images' files are unchanged (size, modification time):
+    an image replaced after the kill is embedded again, not mixed in from the old chunk."""
+    from protonets.encoders.embedding_set import EmbeddingSet
+    from protonets.encoders.sharded import KILL_HOOK
+
+    out = tmp_path / "set"
+    argv = ["embed", str(data), "--output", str(out), "--chunk-size", "3", *FAST]
+    env = {**os.environ, KILL_HOOK: "0:2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "protonets", *argv], env=env, capture_output=True, timeout=120
+    )
+    assert proc.returncode == 137, proc.stderr.decode()[-2000:]  # chunks of rows 0-2 and 3-5 written
+    make_dataset(tmp_path / "other", classes="a", per_class=1, seed=7)
+    os.replace(tmp_path / "other" / "a" / "0.png", data / "a" / "1.png")  # row 1: another image
+    assert main(argv) == 0
+    assert "(4 chunks, 1 of 4 chunks reused)" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    assert main(["embed", str(data), "--output", str(fresh), *FAST]) == 0
+    got, want = EmbeddingSet.load(out), EmbeddingSet.load(fresh)
     assert got.paths == want.paths and float((got.embeddings - want.embeddings).abs().max()) <= 1e-5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from .common import add_encoder_options, positive_int
 
@@ -44,38 +43,20 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p.set_defaults(run=run)
 
 
-def rank_device(name: str) -> str:
-    """--device for this process: under torchrun, 'cuda' (or 'auto' with a GPU) is this node's
-    GPU number LOCAL_RANK, made the current device (NCCL's collectives use it)."""
-    local = os.environ.get("LOCAL_RANK")
-    if local is None or name not in ("cuda", "auto"):
-        return name
-    import torch
-
-    if not torch.cuda.is_available():
-        return name  # auto: the CPU; cuda: refused with one line by the checks
-    device = f"cuda:{int(local) % torch.cuda.device_count()}"
-    torch.cuda.set_device(device)
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
-    from protonets.encoders.distributed import init_world
+    from protonets.encoders.distributed import start_world
+    from protonets.encoders.factory import check_checkpoint
     from protonets.encoders.sharded import EmbedSource, embed_to_folder
 
-    from .common import check_device_and_checkpoint
-
-    device = rank_device(args.device)
-    world = init_world(device)
+    world, device = start_world(args.device)  # this rank's device, checked before the world
 
     def prepare() -> EmbedSource:
         from protonets.encoders.factory import create_encoder
         from protonets.eval.datasets import load_dataset
 
         dataset = load_dataset(args.dataset, args.data, args.split)
-        args.device = device
-        checked = check_device_and_checkpoint(args)
-        encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=checked)
+        check_checkpoint(args.checkpoint)
+        encoder = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device)
         info = {"dataset": dataset.name, "split": args.split}
         return EmbedSource(dataset.items, dataset.labels, dataset.class_names, args.data, encoder, info)
 

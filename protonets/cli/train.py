@@ -16,12 +16,12 @@ from . import train_heads, train_maml, train_siamese
 from .common import positive_int
 from .train_setup import (
     DEFAULTS,
-    check_output,
     given_options,
     load_images,
     refuse_torchrun,
+    shared_check,
     splits,
-    start_world,
+    train_on_ranks,
 )
 
 log = logging.getLogger("protonets")
@@ -120,13 +120,7 @@ def run(args: argparse.Namespace) -> int:
     """`protonets train`, in one process or under `torchrun` (DistributedDataParallel)."""
     import torch
 
-    from protonets.encoders.distributed import all_ranks_agree, broadcast, finish
-
-    if args.init_checkpoint and (args.freeze_encoder or args.method not in ("protonet", *train_maml.METHODS)):
-        raise UserInputError(
-            "--init-checkpoint starts the encoder of --method protonet, maml, fomaml or anil from a "
-            "trained folder; leave it out here (--freeze-encoder trains a head on a fixed encoder)"
-        )
+    shared_check(args, lambda: check_method_options(args))  # under torchrun: one line, from rank 0
     if args.method == "siamese":  # the Siamese head's own branch (cli/train_siamese.py)
         return train_siamese.run(args)
     if args.method in train_heads.METHODS:  # a trainable head alone (cli/train_heads.py)
@@ -136,26 +130,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.freeze_encoder:
         refuse_torchrun(args, "--freeze-encoder")
-    world, device = start_world(args)
-    saved: dict[str, Any] | None = None
-    with all_ranks_agree(world):  # checks: bad input on any rank stops every rank
-        if args.freeze_encoder and args.method != "anil":
-            raise UserInputError(
-                "--freeze-encoder trains a head alone: use it with --method siamese or anil, "
-                f"not {args.method}"
-            )
-        if world.is_main:  # rank 0 alone reads and writes the output folder
-            check_output(args)
-            saved = _saved_run(args, world)
-    saved = broadcast(world, saved)
-    with all_ranks_agree(world):
-        trainer, config, name = _build(args, saved, device, world)
-    if trainer is None:  # --freeze-encoder: the ANIL head alone, trained by _build
+    world, built, result = train_on_ranks(args, lambda saved, device, w: _build(args, saved, device, w))
+    if result is None:  # --freeze-encoder: the ANIL head alone, trained by _build
         return 0
-    if args.resume:
-        trainer.resume()
-    result = trainer.fit()
-    finish(world)
+    _, config, name = built
     if not world.is_main:
         return 0
     rate = result.step / result.elapsed_s if result.elapsed_s else 0.0
@@ -174,20 +152,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_run(args: argparse.Namespace, world: World) -> dict[str, Any] | None:
-    """The resume state's manifest of `--output` with `--resume` (None without)."""
-    from protonets.training.checkpoint import load_state
-    from protonets.training.ddp import check_world_size
-
-    if args.resume and args.freeze_encoder:
+def check_method_options(args: argparse.Namespace) -> None:
+    """Options that do not go together with --method (the same on every rank)."""
+    if args.init_checkpoint and (args.freeze_encoder or args.method not in ("protonet", *train_maml.METHODS)):
         raise UserInputError(
-            "--freeze-encoder trains in minutes from cached embeddings; start again instead of --resume"
+            "--init-checkpoint starts the encoder of --method protonet, maml, fomaml or anil from a "
+            "trained folder; leave it out here (--freeze-encoder trains a head on a fixed encoder)"
         )
-    if not args.resume:
-        return None
-    saved, _ = load_state(args.output)
-    check_world_size(saved, world, args.output)
-    return saved
+    alone = ("anil", "siamese", *train_heads.METHODS)
+    if args.freeze_encoder and args.method not in alone:
+        raise UserInputError(
+            f"--freeze-encoder trains a head alone: use it with --method siamese or anil, not {args.method}"
+        )
 
 
 def _build(

@@ -1,16 +1,18 @@
 """What every `protonets train` method shares: dataset defaults, splits, options given, images,
-the output-folder check, and the frozen encoder's embeddings for `--freeze-encoder` heads."""
+the output-folder check, the torchrun sequence of the image trainers (`train_on_ranks`), and the
+frozen encoder's embeddings for `--freeze-encoder` heads."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from protonets.encoders import DEFAULT_ENCODER, resolve_device
+from protonets.encoders import DEFAULT_ENCODER
 from protonets.encoders.atomic import check_bundle_target
-from protonets.encoders.distributed import World, init_world, launched_by_torchrun
+from protonets.encoders.distributed import World, launched_by_torchrun
 from protonets.encoders.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -47,14 +49,11 @@ CONFIG_OPTIONS = {
 
 def start_world(args: argparse.Namespace) -> tuple[World, str]:
     """(world, device): under torchrun, join the process group (`--device cuda`: this rank's GPU,
-    cuda:LOCAL_RANK) and quieten ranks other than 0; a single process gets `World()`."""
-    device = resolve_device(args.device)
-    if device == "cuda" and launched_by_torchrun():
-        import torch
+    see `protonets.encoders.distributed.rank_device`) and quieten ranks other than 0; a single
+    process gets `World()`. A bad --device is one line, from rank 0 alone."""
+    from protonets.encoders.distributed import start_world as join
 
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    world = init_world(device)
+    world, device = join(args.device)
     if not world.is_main:  # rank 0 alone shows progress, warnings and results
         args.quiet = True
         logging.getLogger("protonets").setLevel(logging.ERROR)
@@ -64,11 +63,119 @@ def start_world(args: argparse.Namespace) -> tuple[World, str]:
 def refuse_torchrun(args: argparse.Namespace, what: str) -> None:
     """A mode that runs in one process only: under torchrun, one line (from rank 0) and exit 2."""
     if launched_by_torchrun():
-        from protonets.encoders.distributed import all_ranks_agree
+        shared_check(args, lambda: _raise(f"{what} runs in one process: launch it without torchrun"))
 
-        world, _ = start_world(args)
-        with all_ranks_agree(world):
-            raise UserInputError(f"{what} runs in one process: launch it without torchrun")
+
+def _raise(message: str) -> None:
+    raise UserInputError(message)
+
+
+def shared_check(args: argparse.Namespace, check: Callable[[], None]) -> None:
+    """Run `check` (it raises a UserInputError for bad options); under torchrun on every rank of
+    the world (joined here), so that rank 0 alone prints the error."""
+    if not launched_by_torchrun():
+        check()
+        return
+    from protonets.encoders.distributed import all_ranks_agree
+
+    world, _ = start_world(args)
+    with all_ranks_agree(world):
+        check()
+
+
+def saved_run(args: argparse.Namespace, world: World) -> dict[str, Any] | None:
+    """The resume state's manifest of `--output` with `--resume` (None without)."""
+    from protonets.training.checkpoint import load_state
+    from protonets.training.ddp import check_world_size
+
+    if args.resume and args.freeze_encoder:
+        raise UserInputError(
+            "--freeze-encoder trains in minutes from cached embeddings; start again instead of --resume"
+        )
+    if not args.resume:
+        return None
+    saved, _ = load_state(args.output)
+    check_world_size(saved, world, args.output)
+    return saved
+
+
+def train_on_ranks(
+    args: argparse.Namespace, build: Callable[[dict[str, Any] | None, str, World], tuple[Any, ...]]
+) -> tuple[World, tuple[Any, ...], Any]:
+    """The sequence every image trainer runs, in one process or under torchrun: join the world;
+    rank 0 checks --output and reads the resume state (--resume), which every rank receives;
+    every rank builds its trainer (`build(saved, device, world)` → (trainer, ...)); the ranks
+    check they train the same data from the same weights; resume, fit, leave the world.
+
+    Returns (world, what `build` returned, the `TrainResult`); the result is None when `build`
+    returned no trainer (it trained by itself, e.g. `--method anil --freeze-encoder`).
+    """
+    from protonets.encoders.distributed import all_ranks_agree, broadcast, finish
+
+    world, device = start_world(args)
+    saved: dict[str, Any] | None = None
+    with all_ranks_agree(world):  # bad input on any rank stops every rank
+        if world.is_main:  # rank 0 alone reads and writes the output folder
+            check_output(args)
+            saved = saved_run(args, world)
+    saved = broadcast(world, saved)
+    with all_ranks_agree(world):
+        built = build(saved, device, world)
+    trainer = built[0]
+    if trainer is None:
+        return world, built, None
+    check_same_training(world, trainer)
+    if args.resume:
+        trainer.resume()
+    result = trainer.fit()
+    finish(world)
+    return world, built, result
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors' names, shapes, dtypes and values."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_training(world: World, trainer: Any) -> None:
+    """Under torchrun, refuse ranks that would train on other data (e.g. another dataset copy on
+    one node) or from other starting weights: one line naming the first such rank."""
+    if not world.distributed:
+        return
+    from protonets.encoders.distributed import all_gather, all_ranks_agree
+
+    data = trainer.data
+    mine = {
+        "data": data.signature,
+        "classes": list(data.train_set.class_names or []),
+        "images": len(data.train_set),
+        "weights": weights_digest(trainer.method.weights()),
+    }
+    seen = all_gather(world, mine)
+    with all_ranks_agree(world):
+        first = seen[0]
+        for rank, other in enumerate(seen):
+            if (other["data"], other["classes"]) != (first["data"], first["classes"]):
+                raise UserInputError(
+                    f"rank {rank} would train on other data ({other['images']} images of "
+                    f"{len(other['classes'])} classes) than rank 0 ({first['images']} images of "
+                    f"{len(first['classes'])} classes); every node must see the same dataset "
+                    "(--data, --split) with the same files"
+                )
+            if other["weights"] != first["weights"]:
+                raise UserInputError(
+                    f"rank {rank} would start from other model weights than rank 0; give every "
+                    "node the same --encoder, --pretrained weights and --init-checkpoint"
+                )
 
 
 def splits(args: argparse.Namespace) -> tuple[str | None, str | None]:

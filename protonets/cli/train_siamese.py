@@ -23,7 +23,7 @@ from .train_setup import (
     load_images,
     refuse_torchrun,
     splits,
-    start_world,
+    train_on_ranks,
 )
 
 
@@ -103,32 +103,14 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from protonets.encoders.distributed import all_ranks_agree, broadcast, finish
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.freeze_encoder:
         refuse_torchrun(args, "--freeze-encoder")
         check_output(args)
         return _frozen(args, *splits(args))
-    world, device = start_world(args)
-    saved: dict[str, Any] | None = None
-    with all_ranks_agree(world):  # checks: bad input on any rank stops every rank
-        if world.is_main:  # rank 0 alone reads and writes the output folder
-            check_output(args)
-            if args.resume:
-                from protonets.training.checkpoint import load_state
-                from protonets.training.ddp import check_world_size
-
-                saved, _ = load_state(args.output)
-                check_world_size(saved, world, args.output)
-    saved = broadcast(world, saved)
-    with all_ranks_agree(world):
-        trainer, config, name, val = _build(args, saved, device, world)
-    if args.resume:
-        trainer.resume()
-    result = trainer.fit()
-    finish(world)
+    world, built, result = train_on_ranks(args, lambda saved, device, w: _build(args, saved, device, w))
+    trainer, config, name, val = built
     if not world.is_main:
         return 0
     if val is not None:

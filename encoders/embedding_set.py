@@ -13,7 +13,9 @@ shapes, so an edited or half-replaced set is refused with one line, never silent
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,29 +96,7 @@ class EmbeddingSet:
         cls, directory: str | os.PathLike[str], fingerprint: dict[str, Any] | None = None
     ) -> EmbeddingSet:
         """Read and verify a saved set; with `fingerprint`, refuse one made by another encoder."""
-        manifest = read_manifest(directory)
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        data = os.path.join(os.fspath(directory), DATA_FILE)
-        entry = manifest.get("data", {})
-        if not os.path.isfile(data):
-            raise UserInputError(f"'{data}' is missing; run `protonets embed` again")
-        if os.path.getsize(data) != entry.get("bytes") or sha256_file(data) != entry.get("sha256"):
-            raise UserInputError(
-                f"'{data}' is truncated or altered (checksum mismatch); run `protonets embed` again"
-            )
-        try:
-            tensors = load_file(data)
-        except (SafetensorError, OSError) as exc:
-            raise UserInputError(f"'{data}' cannot be read ({exc})") from None
-        x, y = tensors.get("embeddings"), tensors.get("labels")
-        if x is None or y is None or x.dtype != torch.float32 or y.dtype != torch.int64:
-            raise UserInputError(f"'{data}' needs float32 'embeddings' and int64 'labels'")
-        if tuple(x.shape) != (manifest["count"], manifest["dim"]):
-            raise UserInputError(
-                f"'{data}' holds {tuple(x.shape)}, the manifest says {manifest['count']} × {manifest['dim']}"
-            )
+        manifest, x, y = read_mapped(directory)
         if fingerprint is not None and manifest["fingerprint"] != fingerprint:
             raise FingerprintMismatchError(
                 f"'{directory}' was embedded by another encoder "
@@ -125,8 +105,8 @@ class EmbeddingSet:
                 "with this encoder, or use the encoder it names"
             )
         return cls(
-            embeddings=x,
-            labels=y,
+            embeddings=torch.from_numpy(np.array(x)),
+            labels=torch.from_numpy(np.array(y)),
             class_names=list(manifest["class_names"]),
             paths=list(manifest["paths"]),
             fingerprint=dict(manifest["fingerprint"]),
@@ -148,7 +128,54 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     for key in ("fingerprint", "class_names", "paths", "count", "dim"):
         if key not in manifest:
             raise UserInputError(f"'{path}' has no '{key}'; run `protonets embed` again")
+    seen: set[Any] = set()
+    for name in manifest["class_names"]:
+        if name in seen:
+            raise UserInputError(f"'{directory}' names class {name!r} twice; run `protonets embed` again")
+        seen.add(name)
     return manifest
+
+
+def read_mapped(
+    directory: str | os.PathLike[str], verify: bool = True
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """(verified manifest, embeddings `[N, D]` float32, labels `[N]` int64) of a saved set, the
+    arrays read-only memory maps of its safetensors file: nothing is read into RAM (a set of
+    10M × 512 is 20 GB). The data file's size is always checked, its sha256 with `verify` (one
+    pass over the file); the safetensors header (8-byte length, JSON) must describe the shapes
+    the manifest gives. `EmbeddingSet.load` copies the maps; `memory build` streams them."""
+    manifest = read_manifest(directory)
+    data = os.path.join(os.fspath(directory), DATA_FILE)
+    entry = manifest.get("data") or {}
+    if not os.path.isfile(data):
+        raise UserInputError(f"'{data}' is missing; run `protonets embed` again")
+    if os.path.getsize(data) != entry.get("bytes") or (verify and sha256_file(data) != entry.get("sha256")):
+        raise UserInputError(
+            f"'{data}' is truncated or altered (checksum mismatch); run `protonets embed` again"
+        )
+    count, dim = manifest["count"], manifest["dim"]
+    try:
+        with open(data, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        arrays = []
+        for key, dtype, shape in (("embeddings", "F32", [count, dim]), ("labels", "I64", [count])):
+            start, stop = header[key]["data_offsets"]
+            if header[key]["dtype"] != dtype or list(header[key]["shape"]) != shape:
+                raise ValueError(key)
+            np_dtype = np.dtype("<f4" if dtype == "F32" else "<i8")
+            if stop - start != np_dtype.itemsize * int(np.prod(shape)):
+                raise ValueError(key)
+            if count == 0:  # numpy cannot map zero bytes
+                arrays.append(np.zeros(shape, np_dtype))
+            else:
+                arrays.append(np.memmap(data, np_dtype, "r", 8 + size + start, tuple(shape)))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        raise UserInputError(
+            f"'{data}' does not hold float32 'embeddings' [{count}, {dim}] and int64 'labels' "
+            "as its manifest says; run `protonets embed` again"
+        ) from None
+    return manifest, arrays[0], arrays[1]
 
 
 def as_numpy(embedding_set: EmbeddingSet) -> tuple[np.ndarray, np.ndarray]:

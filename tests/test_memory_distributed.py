@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from protonets import SupportMemory
+from protonets.encoders import UserInputError
 from protonets.encoders.embedding_set import EmbeddingSet
 from protonets.memory import ondisk
 
@@ -168,7 +169,7 @@ def test_embeddings_of_another_encoder_are_refused(tmp_path, built):
     other = _save_set(tmp_path / "other", FP_B)
     target = tmp_path / "m"
     not_a_set = _single(str(target), "--from-embeddings", built["ivf-ram"], "--index", "ivf")
-    assert not_a_set.returncode == 2 and "not an embedding set" in not_a_set.stderr
+    assert not_a_set.returncode == 2 and "not a protonets.EmbeddingSet" in not_a_set.stderr
     shutil.copytree(built["ivf-ranks"], target)
     before = _files(target)
     done = _run(_torchrun(str(target), "--from-embeddings", other, "--index", "ivf"))
@@ -230,3 +231,182 @@ def test_two_nodes(tmp_path, emb, built):
     outputs = [p.communicate(timeout=180) for p in launches]
     assert [p.returncode for p in launches] == [0, 0], outputs
     assert _files(target) == _files(built["ivf-disk"])
+
+
+def _save_edited(path, edit=None, names=None) -> str:
+    """The test set with `edit(x, y)` applied; labels are written past EmbeddingSet's own check
+    (a set altered by another tool, its manifest checksums made to match)."""
+    from safetensors.torch import save_file
+
+    from protonets.encoders.atomic import manifest_checksum, sha256_file
+
+    x, y, _ = _clustered(N, seed=1)
+    names = names or [f"class{i}" for i in range(CLASSES)]
+    EmbeddingSet(
+        torch.from_numpy(x), torch.from_numpy(y), names, [f"i/{i}.png" for i in range(N)], FP_A
+    ).save(path)
+    if edit is not None:
+        x, y = x.copy(), y.astype(np.int64).copy()
+        edit(x, y)
+        data = os.path.join(path, "embeddings.safetensors")
+        save_file({"embeddings": torch.from_numpy(x), "labels": torch.from_numpy(y)}, data)
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        manifest["data"].update(sha256=sha256_file(data), bytes=os.path.getsize(data))
+        manifest["checksum"] = manifest_checksum(manifest)
+        with open(os.path.join(path, "manifest.json"), "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle)
+    return str(path)
+
+
+def _nan(row):
+    def edit(x, y):
+        x[row] = np.nan
+
+    return edit
+
+
+def _zero(row):
+    def edit(x, y):
+        x[row] = 0
+
+    return edit
+
+
+def _label(row):
+    def edit(x, y):
+        y[row] = CLASSES + 3
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (_nan(3999), "rank 1: embedding row 3999 holds NaN or infinity"),  # rank 1's add loop
+        (_zero(3999), "rank 1: embedding row 3999 holds all zeros"),
+        (_label(3999), "rank 1: '"),  # "... has labels outside its 16 class names"
+        (_nan(10), "embedding row 10 holds NaN"),  # in rank 0's training sample
+    ],
+    ids=["nan-rank1", "zero-rank1", "label-rank1", "nan-training"],
+)
+def test_bad_row_on_one_rank_stops_every_rank(tmp_path, edit, fragment):
+    bad = _save_edited(tmp_path / "bad", edit)
+    target = tmp_path / "m"
+    done = _run(
+        _torchrun(str(target), "--from-embeddings", bad, "--index", "ivf", "--nlist", "16", "--nprobe", "4")
+    )
+    _one_error_line(done, fragment)
+    assert done.returncode == 2 or "exitcode  : 2" in done.stderr  # torchrun passes 2 on
+    assert os.listdir(target) in ([], [".protonets.lock"])  # nothing saved, work folder gone
+
+
+def _build_here(emb_dir: str, target: str):
+    from protonets.encoders.distributed import World
+    from protonets.memory.indexes import IndexParams
+
+    return ondisk.build(
+        World(),
+        ondisk.EmbeddingFile(emb_dir),
+        target,
+        kind="ivfpq",
+        metric="cosine",
+        params=IndexParams(16, 4, 4, rerank=10),
+        fingerprint=FP_A,
+    )
+
+
+def test_built_memory_outlives_its_work_folder(tmp_path, emb, queries):
+    memory = _build_here(emb, str(tmp_path / "m"))
+    assert memory.on_disk
+    want = memory.search(queries, k=3, return_ids=True)
+    memory.save(tmp_path / "copy")  # the work folder is gone: its files must not be needed
+    copy = SupportMemory.load(tmp_path / "copy")
+    got = copy.search(queries, k=3, return_ids=True)
+    np.testing.assert_array_equal(got[2], want[2])
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_work_folders_are_removed(tmp_path, emb):
+    target = tmp_path / "m"
+    target.mkdir()
+    dead = target / f".protonets-tmp-{_dead_pid()}-{'0' * 16}-build"
+    alive = target / f".protonets-tmp-{os.getppid()}-{'1' * 16}-build"  # a running build: kept
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "vectors.npy").write_bytes(b"x" * 1000)
+    _build_here(emb, str(target))
+    assert not dead.exists()
+    assert (alive / "vectors.npy").exists()
+
+
+SIGTERMED = """
+import os, signal, sys, time
+from protonets.encoders.distributed import World
+from protonets.memory import ondisk
+from protonets.memory.indexes import IndexParams
+
+def stopped(*args, **kwargs):  # torchrun stops a rank while it assembles
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+ondisk._assemble = stopped
+try:
+    ondisk.build(World(), ondisk.EmbeddingFile(sys.argv[1]), sys.argv[2], kind="ivf", metric="cosine",
+                 params=IndexParams(16, 4), fingerprint=None)
+except SystemExit:
+    print("handler restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    raise
+"""
+
+
+def test_sigterm_removes_the_work_folder(tmp_path, emb):
+    target = tmp_path / "m"
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERMED, emb, str(target)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 128 + 15, (done.returncode, done.stderr[-2000:])
+    assert "handler restored: True" in done.stdout
+    assert [n for n in os.listdir(target) if n.startswith(".protonets-tmp")] == []
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["ram", "disk"])
+def test_duplicate_class_names_are_refused(tmp_path, on_disk):
+    names = [f"class{i}" for i in range(CLASSES)]
+    names[9] = "class3"
+    dup = _save_edited(tmp_path / "dup", names=names)
+    done = _single(
+        str(tmp_path / "m"), "--from-embeddings", dup, "--index", "ivf", *(["--on-disk"] if on_disk else [])
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(ERROR.findall(done.stderr)) == 1
+    assert dup in done.stderr and "'class3' twice" in done.stderr
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_one_verified_reader_maps_the_set(tmp_path, emb):
+    from protonets.encoders.embedding_set import read_mapped
+
+    manifest, x, y = read_mapped(emb)
+    assert isinstance(x, np.memmap) and isinstance(y, np.memmap) and x.shape == (N, DIM)
+    loaded = EmbeddingSet.load(emb)
+    np.testing.assert_array_equal(loaded.embeddings.numpy(), x)
+    np.testing.assert_array_equal(loaded.labels.numpy(), y)
+    altered = shutil.copytree(emb, tmp_path / "altered")
+    data = altered / "embeddings.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1  # same size, other bytes
+    data.write_bytes(bytes(raw))
+    read_mapped(altered, verify=False)  # size only: the cheap check of the other ranks
+    for read in (lambda: read_mapped(altered), lambda: EmbeddingSet.load(altered)):
+        with pytest.raises(UserInputError, match="truncated or altered"):
+            read()

@@ -80,7 +80,8 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         "--rerank",
         type=non_negative_int,
         default=None,
-        help="IVF-PQ: re-rank RERANK × k candidates exactly against the raw vectors (0: off; default 10)",
+        help="IVF-PQ: re-rank max(RERANK × k, 256) candidates exactly against the raw vectors "
+        "(0: off; default 10)",
     )
     b.add_argument("--force", action="store_true", help="replace a memory already saved in DIR")
     _common(b, run_build)

@@ -43,7 +43,16 @@ MAX_AUTO_NLIST = 4096
 TARGET_AGREEMENT = 0.99
 CALIBRATION_PROBES = 2000
 CONFIDENCE_Z = 1.96
-NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+#: IVF-PQ re-ranking scores at least this many PQ candidates exactly (more: `rerank × k`). PQ
+#: codes of 64 bytes a 512-dim vector misorder near neighbours: at 200k × 512 (scripts/
+#: bench_memory.py --ondisk) the true nearest vector was among the 10 best PQ candidates for
+#: only 76% of queries, among 200 for 98-99% (then the lists probed, not PQ, are the limit).
+#: Gathering 256 raw vectors costs a query 512 KiB of reads. Without a floor calibration could
+#: not reach TARGET_AGREEMENT and probed every list (50k × 512: all 1024 lists, agreement 0.86
+#: on fresh queries); with it, 8 lists and 0.999 (200k: 4 of 2048 lists, 5-9× the queries/s of exact search).
+RERANK_MIN_CANDIDATES = 256
 
 
 @dataclass

@@ -38,6 +38,7 @@ from .indexes import IndexParams
 from .options import FORMAT_VERSION, INDEX_KINDS, KIND, METRICS, MODES  # noqa: F401 - re-exported
 
 _QUERY_BLOCK = 256  # queries per exact-search block
+_RERANK_BYTES = 64 << 20  # raw vectors gathered at once to re-rank candidates
 _ROW_BLOCK = 131_072  # support rows per exact-search block (256 × 131072 floats = 128 MiB)
 _ADD_BLOCK = 65_536  # rows per faiss add call when (re)building
 _HASH_BYTES = 16  # bytes of a source's sha256 kept per row (128 bits: no accidental collisions)
@@ -116,8 +117,8 @@ class SupportMemory:
         exact below `exact_limit` vectors, then an IVF index trained and sized to the data.
     nlist, nprobe, pq_m: IVF lists, lists probed per query, PQ bytes per vector (None: sized
         to the data). hnsw_m, ef_search: HNSW graph degree and search breadth.
-    rerank: re-rank `rerank × k` IVF-PQ candidates exactly from the kept vectors (0: off;
-        None: 10 when vectors are kept).
+    rerank: re-rank `max(rerank × k, 256)` IVF-PQ candidates exactly from the kept vectors
+        (0: off; None: 10 when vectors are kept); see `indexes.RERANK_MIN_CANDIDATES`.
     keep_vectors: keep the raw vectors (needed for exact search, re-ranking, retraining and
         compaction). Turn off only for IVF-PQ memories too large to keep them.
     expected_size: how many vectors you will add (sizes an index trained on an early batch).
@@ -834,7 +835,9 @@ class SupportMemory:
         nprobe = self._nprobe() if isinstance(self._index, faiss.IndexIVF) else None
         params = indexes.search_params(self._index, self.params, alive, nprobe)
         rerank = self.params.rerank if isinstance(self._index, faiss.IndexIVFPQ) else 0
-        fetch = k * rerank if rerank and self._vectors is not None else k
+        fetch = k
+        if rerank and self._vectors is not None:
+            fetch = max(k * rerank, indexes.RERANK_MIN_CANDIDATES)
         dist, ids = self._index.search(q, fetch, params=params)
         if fetch > k:
             return self._rerank(q, ids, k)
@@ -878,9 +881,10 @@ class SupportMemory:
         """Exact scores for approximate candidates `[Q, R]`; keep the best k."""
         out_s = np.empty((len(q), k), np.float32)
         out_i = np.empty((len(q), k), np.int64)
-        for start in range(0, len(q), 1024):
-            c = cand[start : start + 1024]
-            qb = torch.from_numpy(q[start : start + 1024])
+        block = max(1, _RERANK_BYTES // (cand.shape[1] * self.dim * 4))  # gathered rows: ≤ 64 MiB
+        for start in range(0, len(q), block):
+            c = cand[start : start + block]
+            qb = torch.from_numpy(q[start : start + block])
             x = torch.from_numpy(self._vectors[np.maximum(c, 0)])  # [B, R, D]
             s = torch.bmm(x, qb.unsqueeze(2)).squeeze(2)
             if self.metric == "l2":

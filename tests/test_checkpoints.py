@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO, require_data
 
 CHECKPOINTS = REPO / "checkpoints"
-COMMITTED = ["protonet-conv4-omniglot", "siamese-conv4-omniglot", "maml-conv4-omniglot/cpu-5way"]
+COMMITTED = ["protonet-conv4-omniglot", "siamese-conv4-omniglot", "maml-conv4-omniglot-scratch-cpu"]
 
 
 @pytest.mark.parametrize("name", COMMITTED)
@@ -57,6 +57,6 @@ def test_maml_checkpoint_adapts_on_omniglot_test_characters(omniglot_test_episod
     from protonets.maml.train import evaluate_episodes, load_meta_learner
 
     items, episodes = omniglot_test_episodes
-    learner, encoder, config = load_meta_learner(CHECKPOINTS / "maml-conv4-omniglot" / "cpu-5way")
+    learner, encoder, config = load_meta_learner(CHECKPOINTS / "maml-conv4-omniglot-scratch-cpu")
     accuracy = evaluate_episodes(learner, encoder, items, episodes.indices, 1, config.eval_inner_steps)
     assert accuracy.mean() > 0.75

@@ -337,6 +337,16 @@ def test_memory_add_skips_images_already_in_the_memory(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipped 10 already" in captured.out
     assert SupportMemory.load(mem).count == 20
+    # the same content twice in one added folder (a copy, or the same photo under two classes)
+    fresh = tmp_path / "fresh"
+    (fresh / "x").mkdir(parents=True)
+    (fresh / "y").mkdir()
+    shutil.copy(EXAMPLES / "queries" / sorted(os.listdir(EXAMPLES / "queries"))[0], fresh / "x" / "one.jpg")
+    shutil.copy(fresh / "x" / "one.jpg", fresh / "x" / "copy.jpg")
+    shutil.copy(fresh / "x" / "one.jpg", fresh / "y" / "same.jpg")
+    assert main(["memory", "add", str(mem), "--from", str(fresh), *opts]) == 0
+    assert "added 1 images (skipped 2 already in the memory or repeated" in capsys.readouterr().out
+    assert SupportMemory.load(mem).count == 21
 
 
 # -- 9: the auto index keeps its promise ------------------------------------------------------------

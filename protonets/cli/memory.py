@@ -331,9 +331,10 @@ def run_add(args: argparse.Namespace) -> int:
     encoder = _encoder(args, args.directory, device)
     snapshot = SupportMemory.load(args.directory, encoder=encoder)  # checks before embedding
     new = list(range(len(paths)))
-    if not args.allow_duplicates:
+    if not args.allow_duplicates:  # images already in the memory, or twice in this folder
         known = snapshot.has_sources(hashes)
-        new = [i for i in new if not known[i]]
+        first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # first file of each content
+        new = [i for i in new if not known[i] and first[hashes[i]] == i]
     del snapshot
     result = _embed(encoder, [paths[i] for i in new], args, "support") if new else None
     kept = [new[j] for j in result.kept] if result is not None else []
@@ -349,7 +350,11 @@ def run_add(args: argparse.Namespace) -> int:
                 sources=[hashes[kept[r]] for r in rows],
             )
     skipped = len(paths) - len(new) + len(kept) - len(rows)
-    note = f" (skipped {skipped} already in the memory; --allow-duplicates adds them)" if skipped else ""
+    note = (
+        f" (skipped {skipped} already in the memory or repeated in the folder; --allow-duplicates adds them)"
+        if skipped
+        else ""
+    )
     _summary(f"added {len(rows)} images{note} to", args.directory, memory)
     return 0
 

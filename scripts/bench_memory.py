@@ -341,39 +341,13 @@ def part_three(args: argparse.Namespace) -> None:
     if not os.path.exists(os.path.join(emb_dir, "manifest.json")):
         write_embedding_set(data, n, emb_dir, args.chunk)
     if not os.path.exists(os.path.join(mem_dir, "manifest.json")):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(args.ranks),
-            "-m",
-            "protonets",
-            "memory",
-            "build",
-            mem_dir,
-            "--from-embeddings",
-            emb_dir,
-            "--index",
-            "ivfpq",
-            "--quiet",
-        ]
+        build = ["-m", "protonets", "memory", "build", mem_dir, "--from-embeddings", emb_dir]
+        build += ["--index", "ivfpq", "--quiet"]
         if args.ranks == 1:
-            cmd = [
-                sys.executable,
-                "-m",
-                "protonets",
-                "memory",
-                "build",
-                mem_dir,
-                "--from-embeddings",
-                emb_dir,
-                "--index",
-                "ivfpq",
-                "--on-disk",
-                "--quiet",
-            ]
+            cmd = [sys.executable, *build, "--on-disk"]
+        else:
+            launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks)]
+            cmd = [sys.executable, *launcher, *build]
         for flag, value in (("--rerank", args.rerank), ("--nprobe", args.nprobe)):
             if value is not None:
                 cmd += [flag, str(value)]

@@ -46,3 +46,28 @@ def make_image(tmp_path):
         return path
 
     return make
+
+
+def write_class_folder(root: Path, images, classes: int, per_class: int, train: int) -> Path:
+    """Save `images` (uint8 `[classes * per_class, 1, H, W]`) as `root/c<k>/<i>.png`, with split
+    files `train.txt` (the first `train` classes) and `val.txt` (the others); returns `root`."""
+    for c in range(classes):
+        (root / f"c{c}").mkdir()
+        for i in range(per_class):
+            Image.fromarray(images[c * per_class + i, 0].numpy()).save(root / f"c{c}" / f"{i}.png")
+    (root / "train.txt").write_text("\n".join(f"c{c}" for c in range(train)))
+    (root / "val.txt").write_text("\n".join(f"c{c}" for c in range(train, classes)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module (use: `pytestmark = pytest.mark.usefixtures(...)`):
+    tiny models and ops run faster without OpenMP spinning on a small shared CPU, and each
+    torchrun rank has one thread too."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

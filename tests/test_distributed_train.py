@@ -21,19 +21,14 @@ from protonets.cli import main
 from protonets.encoders.distributed import World
 from protonets.training import read_log
 from protonets.training.checkpoint import load_state
+from tests.conftest import write_class_folder
 from tests.ddp_steps import make_trainer, synthetic, trained_parameters
 
 HELPER = str(Path(__file__).with_name("ddp_steps.py"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread, as each rank has (and quicker on this busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def torchrun(*args, nproc: int = 2, launch: tuple = ("--standalone",), wait: bool = True):
@@ -123,15 +118,7 @@ def test_two_nodes_on_one_machine(tmp_path):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """6 classes of 5 small PNGs (4 for training, 2 for validation), class lists as split files."""
-    root = tmp_path_factory.mktemp("folder")
-    images = synthetic(6, 5, 3).images
-    for c in range(6):
-        (root / f"c{c}").mkdir()
-        for i in range(5):
-            Image.fromarray(images[c * 5 + i, 0].numpy()).save(root / f"c{c}" / f"{i}.png")
-    (root / "train.txt").write_text("\n".join(f"c{c}" for c in range(4)))
-    (root / "val.txt").write_text("\n".join(f"c{c}" for c in range(4, 6)))
-    return root
+    return write_class_folder(tmp_path_factory.mktemp("folder"), synthetic(6, 5, 3).images, 6, 5, 4)
 
 
 def train_args(root: Path, out: Path, episodes: int, *extra) -> list:

@@ -15,14 +15,7 @@ from torch import nn
 
 from protonets.maml import MetaLearner, TaskBatch, batchnorm_mode, proto_init
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, more threads only oversubscribe these tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 T, N_WAY, SHOTS, QUERIES, STEPS, LR = 3, 3, 2, 3, 2, 0.3

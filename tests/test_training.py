@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from protonets.cli import main
@@ -23,18 +22,12 @@ from protonets.training import (
     to_input,
 )
 from protonets.training.checkpoint import LOG_FILE, STATE_DIR
-from tests.conftest import require_data
+from tests.conftest import require_data, write_class_folder
 
 TIMING = {"elapsed_s", "episodes_per_s"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train far faster on one thread, above all on a busy machine (no OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(classes: int, per_class: int, seed: int) -> ImageSet:
@@ -307,15 +300,7 @@ def test_wrong_image_size_and_bad_config_are_errors(data):
 @pytest.fixture(scope="module")
 def folder_dataset(tmp_path_factory):
     """8 classes of 6 small PNGs (5 for training, 3 for validation), class lists as split files."""
-    root = tmp_path_factory.mktemp("folder")
-    images = synthetic(8, 6, 7).images
-    for c in range(8):
-        (root / f"c{c}").mkdir()
-        for i in range(6):
-            Image.fromarray(images[c * 6 + i, 0].numpy()).save(root / f"c{c}" / f"{i}.png")
-    (root / "train.txt").write_text("\n".join(f"c{c}" for c in range(5)))
-    (root / "val.txt").write_text("\n".join(f"c{c}" for c in range(5, 8)))
-    return root
+    return write_class_folder(tmp_path_factory.mktemp("folder"), synthetic(8, 6, 7).images, 8, 6, 5)
 
 
 def _run(capsys, *argv):

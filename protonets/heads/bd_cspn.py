@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .prototype import FEATURE_TRANSFORMS, compute_prototypes, transform_features
+from .prototype import FEATURE_TRANSFORMS, compute_prototypes, transform_episode
 from .transductive import TransductiveHead, one_hot
 
 
@@ -59,8 +59,6 @@ class BDCSPNHead(TransductiveHead):
     def transduce(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
-        center = support.mean(-2, keepdim=True)
-        s = transform_features(support, self.feature_transform, center)
-        q = transform_features(query, self.feature_transform, center)
+        s, q = transform_episode(support, query, self.feature_transform)
         prototypes, q = rectify(s, labels, q, n_way, self.scale)
         return self.scale * cosine(q, prototypes)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .bd_cspn import rectify
-from .prototype import FEATURE_TRANSFORMS, transform_features
+from .prototype import FEATURE_TRANSFORMS, transform_episode
 from .transductive import TransductiveHead
 
 
@@ -67,9 +67,7 @@ class LaplacianShotHead(TransductiveHead):
     def transduce(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
-        center = support.mean(-2, keepdim=True)
-        s = transform_features(support, self.feature_transform, center)
-        q = transform_features(query, self.feature_transform, center)
+        s, q = transform_episode(support, query, self.feature_transform)
         prototypes, q = rectify(s, labels, q, n_way, self.scale)
         a = torch.cdist(q, prototypes).pow(2)  # [E, Q, N]
         kernel = knn_graph(q, self.knn)

@@ -30,6 +30,15 @@ def transform_features(x: torch.Tensor, kind: str | None, center: torch.Tensor |
     return F.normalize(x, dim=-1)
 
 
+def transform_episode(
+    support: torch.Tensor, query: torch.Tensor, kind: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An episode's support and queries through `transform_features`, both centred (cl2n) on
+    the episode's support mean; `[..., S, D]`, `[..., Q, D]`, batched or not."""
+    center = support.mean(-2, keepdim=True) if kind == "cl2n" else None
+    return transform_features(support, kind, center), transform_features(query, kind, center)
+
+
 def compute_prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
     """Mean embedding per class: `[..., S, D]`, `[..., S]` -> `[..., N, D]` (batched or not).
 
@@ -105,7 +114,5 @@ class PrototypeHead(Head):
     def episode_logits(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
-        center = support.mean(-2, keepdim=True)
-        s = transform_features(support, self.feature_transform, center)
-        q = transform_features(query, self.feature_transform, center)
+        s, q = transform_episode(support, query, self.feature_transform)
         return prototype_logits(q, compute_prototypes(s, labels, n_way), self.metric, self.scale)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .prototype import check_metric_and_transform, compute_prototypes, prototype_logits, transform_features
+from .prototype import check_metric_and_transform, compute_prototypes, prototype_logits, transform_episode
 from .transductive import TransductiveHead, one_hot
 
 
@@ -43,9 +43,7 @@ class SoftKMeansHead(TransductiveHead):
     def transduce(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
-        center = support.mean(-2, keepdim=True)
-        s = transform_features(support, self.feature_transform, center)
-        q = transform_features(query, self.feature_transform, center)
+        s, q = transform_episode(support, query, self.feature_transform)
         prototypes = compute_prototypes(s, labels, n_way)
         counts = one_hot(labels, n_way, s.dtype).sum(-2).unsqueeze(-1)  # [E, N, 1]
         sums = prototypes * counts

@@ -18,23 +18,19 @@ import torch.nn.functional as F
 from protonets.encoders.checkpoint import read_checkpoint_dir, save_checkpoint
 from protonets.encoders.errors import UserInputError
 
-from .base import Head, check_support
+from .base import Head, SupportSetHead, check_support
 
 HEAD_FILE = "head.safetensors"
 FITTED = ("support", "labels")  # buffers of the fitted support set, not saved in checkpoints
 
 
-class TrainedHead(Head):
-    """A head with learned weights: `fit` stores the support set, `forward` runs `episode_logits`."""
+class TrainedHead(SupportSetHead):
+    """A head with learned weights: `fit` stores a detached float32 copy of the support set,
+    `forward` runs `episode_logits` on it (`SupportSetHead`)."""
 
     name = "trained"  # the registry name, written in and checked against checkpoint folders
     needs_checkpoint = True
     memory_budget = 64 << 20
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("support", torch.empty(0, 0))
-        self.register_buffer("labels", torch.empty(0, dtype=torch.int64))
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike[str], **_: Any) -> TrainedHead:
@@ -42,19 +38,7 @@ class TrainedHead(Head):
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> TrainedHead:
         check_support(support, labels)
-        self.support = support.detach().float().clone()
-        self.labels = labels.detach().to(torch.int64).clone()
-        return self
-
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        if self.support.numel() == 0:
-            raise RuntimeError(f"this {type(self).__name__} is not fitted; call fit(support, labels) first")
-        if query.dim() != 2 or query.shape[-1] != self.support.shape[-1]:
-            raise ValueError(
-                f"query embeddings must be [Q, {self.support.shape[-1]}], got shape {tuple(query.shape)}"
-            )
-        n_way = int(self.labels.max()) + 1
-        return self.episode_logits(self.support[None], self.labels[None], query.float()[None], n_way)[0]
+        return super().fit(support.detach().float().clone(), labels.detach().clone())
 
     def check_dim(self, dim: int | None, x: torch.Tensor) -> None:
         """Refuse embeddings of another width than the head was trained on."""

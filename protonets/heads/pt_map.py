@@ -35,7 +35,7 @@ def sinkhorn(cost: torch.Tensor, lam: float, eps: float = 1e-6, max_iter: int = 
     rows_before = torch.zeros(cost.shape[:-1], dtype=cost.dtype, device=cost.device)
     for _ in range(max_iter):
         rows = current.sum(-1)
-        done = (rows_before - rows).abs().amax(-1) <= eps
+        done = ~((rows_before - rows).abs().amax(-1) > eps)  # NaN counts as done, as before
         if done.any():
             plan[active[done]] = current[done]
             keep = ~done

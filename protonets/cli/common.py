@@ -203,6 +203,3 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, value: str = "
         for r, (query, label) in zip(rows, shown):
             others = ", ".join(f"{printable(c)} {v:.3f}" for c, v in r["top_k"])
             out.write(f"{query:<{width}}  {label:<{lwidth}}  {r[value]:>7.3f}  {others}\n")
-
-
-#END

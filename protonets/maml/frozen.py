@@ -23,6 +23,7 @@ from protonets.encoders.errors import UserInputError
 from ..episodes import EpisodeSampler, gather_episodes
 from ..stats import mean_ci95
 from ..training import TrainConfig, TrainLoop
+from ..training.loop import InMemoryMethod
 from ..training.trainer import validation_episodes
 from .learner import MetaLearner, TaskBatch
 from .train import query_scores, require_head_width
@@ -38,7 +39,7 @@ def episode_tasks(features: torch.Tensor, index: torch.Tensor, shots: int) -> Ta
     return TaskBatch(*gather_episodes(features, index, shots))
 
 
-class FrozenAnil:
+class FrozenAnil(InMemoryMethod):
     """A head-only `MetaLearner` meta-trained on embedding episodes (a `TrainLoop` method)."""
 
     def __init__(
@@ -52,7 +53,8 @@ class FrozenAnil:
         val_tasks: TaskBatch | None,
         eval_steps: int | None,
     ) -> None:
-        self.learner, self.features, self.sampler, self.rng = learner, features, sampler, rng
+        self.learner = self.module = learner
+        self.features, self.sampler, self.rng = features, sampler, rng
         self.shots, self.meta_batch, self.val_tasks, self.eval_steps = (
             config.shots,
             meta_batch,
@@ -75,21 +77,6 @@ class FrozenAnil:
         val_loss, val_acc = query_scores(self.learner, self.val_tasks, self.eval_steps)
         acc, ci = mean_ci95(val_acc)
         return {"val_loss": float(val_loss.mean()), "val_acc": acc, "val_ci95": ci}
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.learner.state_dict()
-
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.learner.load_state_dict(tensors)
-
-    def train(self, mode: bool = True) -> None:
-        self.learner.train(mode)
-
-    def save_best(self, output: str, best: dict[str, Any]) -> None:
-        raise NotImplementedError("train_frozen_anil keeps its best head in memory")
-
-    def read_best(self, output: str) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("train_frozen_anil keeps its best head in memory")
 
 
 def train_frozen_anil(

@@ -26,6 +26,7 @@ from ..episodes import EpisodeSampler, split_episodes
 from ..heads import create_head
 from ..training import TrainLoop, augment
 from ..training.data import AUGMENTATIONS, ImageSet
+from ..training.loop import InMemoryMethod
 from ..training.trainer import EpisodicTrainer, ImageEpisodes, TrainConfig, prefixed, validate_head
 from .checkpoint import HEAD_FILE, head_entry, head_tensors, load_head_state
 from .head import SiameseHead
@@ -173,7 +174,7 @@ class SiameseTrainer(EpisodicTrainer):
         )  # fmt: skip
 
 
-class HeadOnPairs:
+class HeadOnPairs(InMemoryMethod):
     """`SiameseHead` alone on frozen embeddings: a P×K batch and its balanced pairs per step."""
 
     def __init__(
@@ -189,7 +190,8 @@ class HeadOnPairs:
         hard_fraction: float,
         val_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
     ) -> None:
-        self.head, self.embeddings, self.labels = head, embeddings, labels
+        self.head = self.module = head
+        self.embeddings, self.labels = embeddings, labels
         self.sampler, self.rng, self.generator = sampler, rng, generator
         self.loss, self.hard_fraction, self.val_pairs = loss, hard_fraction, val_pairs
         self.optimizer = torch.optim.Adam(head.parameters(), lr=lr)
@@ -216,21 +218,6 @@ class HeadOnPairs:
         a, b, same, embeddings = self.val_pairs
         scores = self.head.pair_logits(embeddings[a], embeddings[b])
         return {"val_auc": float(roc_auc_score(same.numpy(), scores.numpy()))}
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.head.state_dict()
-
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.head.load_state_dict(tensors)
-
-    def train(self, mode: bool = True) -> None:
-        self.head.train(mode)
-
-    def save_best(self, output: str, best: dict[str, Any]) -> None:
-        raise NotImplementedError("train_head keeps its best head in memory")
-
-    def read_best(self, output: str) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("train_head keeps its best head in memory")
 
 
 def train_head(

@@ -30,7 +30,6 @@ from .options import AUGMENTATIONS  # noqa: E402,F401  (re-exported: data's old 
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ImageSet:
     """Images uint8 `[N, C, H, W]` with integer `labels` `[N]` (and optional class names)."""

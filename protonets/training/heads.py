@@ -19,13 +19,13 @@ from ..episodes import EpisodeSampler, gather_episodes, sample_episodes
 from ..heads import create_head
 from ..heads.trained import FITTED, TrainedHead
 from ..stats import mean_ci95
-from .loop import TrainLoop
+from .loop import InMemoryMethod, TrainLoop
 
 #: Constructor arguments that make each head trainable (matching learns its context embeddings).
 TRAINED_PRESETS: dict[str, dict[str, Any]] = {"matching": {"fce": True}, "relation": {}, "feat": {}}
 
 
-class EpisodicHead:
+class EpisodicHead(InMemoryMethod):
     """A `TrainLoop` method: a `TrainedHead` on episodes of frozen embeddings."""
 
     def __init__(
@@ -40,7 +40,8 @@ class EpisodicHead:
         weight_decay: float = 0.0,
         val: tuple[torch.Tensor, Any] | None = None,
     ) -> None:
-        self.head, self.embeddings, self.sampler, self.rng = head, embeddings, sampler, rng
+        self.head = self.module = head
+        self.embeddings, self.sampler, self.rng = embeddings, sampler, rng
         self.batch, self.contrastive, self.val = batch, contrastive, val
         self.optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -78,15 +79,6 @@ class EpisodicHead:
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         self.head.load_state_dict(tensors, strict=False)
-
-    def train(self, mode: bool = True) -> None:
-        self.head.train(mode)
-
-    def save_best(self, output: str, best: dict[str, Any]) -> None:
-        raise NotImplementedError("train_episodic_head keeps its best head in memory")
-
-    def read_best(self, output: str) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("train_episodic_head keeps its best head in memory")
 
 
 def train_episodic_head(

@@ -65,6 +65,28 @@ class Method(Protocol):
         """The weights of the best checkpoint saved in `output`, as `weights()` names them."""
 
 
+class InMemoryMethod:
+    """Base of the methods that train one module alone and keep their best weights in memory
+    (heads on frozen embeddings): weights, mode and `load_weights` come from `self.module`."""
+
+    module: torch.nn.Module
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(tensors)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def save_best(self, output: str, best: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} keeps its best weights in memory")
+
+    def read_best(self, output: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} keeps its best weights in memory")
+
+
 @dataclass
 class TrainResult:
     """What `fit` did: steps, best validation score and step, the log records, the output folder."""

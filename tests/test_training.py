@@ -408,3 +408,41 @@ def test_init_checkpoint_starts_from_a_trained_body(folder_dataset, tmp_path, ca
         "--output", tmp_path / "other",
     )  # fmt: skip
     assert code == 2 and "--init-checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["relation", "siamese"])
+def test_frozen_head_on_a_trained_body(method, folder_dataset, tmp_path, capsys):
+    """`--freeze-encoder --init-checkpoint DIR` trains a head on DIR's trained model (e.g. a
+    Conv-4 ProtoNet), writes that same model with the head, and eval reads the pair."""
+    from safetensors.torch import load_file
+
+    from protonets.encoders.checkpoint import read_checkpoint_dir
+
+    root = folder_dataset
+    base = [
+        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
+        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
+    ]  # fmt: skip
+    code, _, err = _run(capsys, *base, "--episodes", 2, "--output", tmp_path / "body")
+    assert code == 0, err
+    head = [*base, "--method", method, "--freeze-encoder", "--episodes", 5, "--init-checkpoint", tmp_path / "body"]
+    code, _, err = _run(capsys, *head, "--cache-dir", tmp_path / "cache", "--output", tmp_path / "head")
+    assert code == 0, err
+    body, out = read_checkpoint_dir(tmp_path / "body"), read_checkpoint_dir(tmp_path / "head")
+    assert out["model"] == body["model"] == "conv4"
+    assert out["dataset"]["encoder_checkpoint"] == str(tmp_path / "body")
+    before, after = load_file(body["weights_file"]), load_file(out["weights_file"])
+    assert before.keys() == after.keys()
+    for key in before:  # the encoder stayed frozen
+        torch.testing.assert_close(after[key], before[key], atol=0, rtol=0)
+
+    code, _, err = _run(
+        capsys, "eval", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
+        "--ways", 3, "--shots", 1, "--queries", 2, "--episodes", 5, "--quiet", "--no-cache",
+        "--checkpoint", tmp_path / "head", "--method", method, "--head-checkpoint", tmp_path / "head",
+    )  # fmt: skip
+    assert code == 0, err
+
+    code, _, err = _run(capsys, *head, "--encoder", "resnet18", "--output", tmp_path / "other")
+    assert code == 2 and "leave out --encoder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "other").exists()

@@ -74,15 +74,15 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         default=None,
         metavar="DIR",
         help="protonet, maml, fomaml, anil: start from a trained checkpoint folder's model and "
-        "weights (e.g. MAML from a ProtoNet body)",
+        "weights (e.g. MAML from a ProtoNet body); with --freeze-encoder: the fixed encoder",
     )
     g.add_argument("--image-size", type=positive_int, default=None, help="override the input side")
     g.add_argument(
         "--freeze-encoder",
         action="store_true",
-        help="siamese, anil, matching, relation, feat: train the head alone on the frozen "
-        "--encoder's cached embeddings "
-        f"(default encoder: {DEFAULT_ENCODER}, pretrained)",
+        help="siamese, anil, matching, relation, feat: train the head alone on the cached "
+        "embeddings of a fixed encoder: --init-checkpoint DIR's trained model, or else --encoder "
+        f"pretrained (default encoder: {DEFAULT_ENCODER})",
     )
     g.add_argument("--cache-dir", default=None, help="embedding cache for --freeze-encoder")
     g.add_argument("--metric", choices=["euclidean", "cosine"], default=None, help="default: euclidean")
@@ -154,12 +154,14 @@ def run(args: argparse.Namespace) -> int:
 
 def check_method_options(args: argparse.Namespace) -> None:
     """Options that do not go together with --method (the same on every rank)."""
-    if args.init_checkpoint and (args.freeze_encoder or args.method not in ("protonet", *train_maml.METHODS)):
+    alone = ("anil", "siamese", *train_heads.METHODS)
+    takes_init = alone if args.freeze_encoder else ("protonet", *train_maml.METHODS)
+    if args.init_checkpoint and args.method not in takes_init:
         raise UserInputError(
             "--init-checkpoint starts the encoder of --method protonet, maml, fomaml or anil from a "
-            "trained folder; leave it out here (--freeze-encoder trains a head on a fixed encoder)"
+            "trained folder, or with --freeze-encoder is the fixed encoder of a head "
+            f"({', '.join(alone)}); leave it out for --method {args.method}"
         )
-    alone = ("anil", "siamese", *train_heads.METHODS)
     if args.freeze_encoder and args.method not in alone:
         raise UserInputError(
             f"--freeze-encoder trains a head alone: use it with --method siamese or anil, not {args.method}"

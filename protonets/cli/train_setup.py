@@ -227,17 +227,30 @@ def frozen_embeddings(
 ) -> tuple[Encoder, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """What a `--freeze-encoder` head trains on: (pretrained encoder, embeddings, labels, dataset info).
 
-    The encoder is `--encoder` (default: the offline default), pretrained and resized by
-    `--image-size`; embeddings and labels are keyed 'train' (and 'val' with a validation split)
-    and come through the embedding cache (`--cache-dir`).
+    The encoder is the trained model of `--init-checkpoint DIR` (e.g. a Conv-4 ProtoNet body), or
+    else `--encoder` (default: the offline default) pretrained; `--image-size` resizes it.
+    Embeddings and labels are keyed 'train' (and 'val' with a validation split) and come through
+    the embedding cache (`--cache-dir`). The info names the checkpoint the encoder came from.
     """
     import torch
 
     from protonets.encoders import create_encoder, with_image_size
+    from protonets.encoders.factory import check_checkpoint
     from protonets.eval.datasets import load_dataset
     from protonets.eval.run import embed_dataset
 
-    encoder = create_encoder(args.encoder or DEFAULT_ENCODER, pretrained=True, device=device)
+    if args.init_checkpoint:
+        from protonets.encoders.checkpoint import read_checkpoint_dir
+
+        check_checkpoint(args.init_checkpoint)
+        model = read_checkpoint_dir(args.init_checkpoint)["model"]
+        if args.encoder not in (None, model):
+            raise UserInputError(
+                f"--init-checkpoint '{args.init_checkpoint}' holds a trained {model}: leave out --encoder"
+            )
+        encoder = create_encoder(model, checkpoint_path=args.init_checkpoint, device=device)
+    else:
+        encoder = create_encoder(args.encoder or DEFAULT_ENCODER, pretrained=True, device=device)
     encoder = with_image_size(encoder, args.image_size)
     sets = {"train": load_dataset(args.dataset, args.data, split)}
     if val_split:
@@ -248,4 +261,6 @@ def frozen_embeddings(
     }
     labels = {k: torch.from_numpy(d.labels) for k, d in sets.items()}
     info = {"kind": args.dataset, "root": os.path.abspath(args.data), "split": split, "val": val_split}
+    if args.init_checkpoint:
+        info["encoder_checkpoint"] = os.path.abspath(args.init_checkpoint)
     return encoder, embeddings, labels, info

@@ -3,9 +3,9 @@ trainer on synthetic 28×28 images; each rank saves its parameters and the episo
 
     torchrun --standalone --nproc-per-node 2 tests/ddp_steps.py METHOD STEPS OUT_DIR
 
-METHOD: protonet, siamese or maml. Writes OUT_DIR/rank<R>.safetensors: `first.<name>` for every
-trained parameter after the first step, `param.<name>` after the last, and `episodes` (the index
-tensors this rank sampled, stacked).
+METHOD: protonet, siamese, maml or relation (the head trained with Conv-4). Writes
+OUT_DIR/rank<R>.safetensors: `first.<name>` for every trained parameter after the first step,
+`param.<name>` after the last, and `episodes` (the index tensors this rank sampled, stacked).
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def make_trainer(method: str, steps: int, world: World, meta_batch: int | None =
 
         meta = MetaConfig(method="maml", meta_batch=meta_batch or world.size, inner_steps=1, inner_lr=0.1)
         return MetaTrainer(encoder, data, None, cfg, meta, progress=False, world=world)
+    if method == "relation":  # a trained head with its encoder
+        from protonets.training.joint_heads import JointHeadMethod
+
+        def joint(d):  # noqa: ANN001, ANN202
+            return JointHeadMethod(d, "relation", hidden=8)
+
+        return EpisodicTrainer(encoder, data, None, cfg, progress=False, world=world, method=joint)
     return EpisodicTrainer(encoder, data, None, cfg, progress=False, world=world)
 
 

@@ -67,7 +67,7 @@ def reference_step(method: str, episodes: list[torch.Tensor]) -> dict[str, torch
     return {k: p.detach().clone() for k, p in trained_parameters(trainer).items()}
 
 
-@pytest.mark.parametrize("method", ["protonet", "maml", "siamese"])
+@pytest.mark.parametrize("method", ["protonet", "maml", "siamese", "relation"])
 def test_ddp_step_is_a_step_on_the_mean_loss_and_ranks_stay_identical(method, tmp_path):
     """Two ranks, 3 steps: (a) after the first step, the parameters equal a single-process step
     on the mean loss of the two ranks' episodes (to 1e-6); (b) after 3 steps, the ranks' are equal."""

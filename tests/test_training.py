@@ -425,7 +425,8 @@ def test_frozen_head_on_a_trained_body(method, folder_dataset, tmp_path, capsys)
     ]  # fmt: skip
     code, _, err = _run(capsys, *base, "--episodes", 2, "--output", tmp_path / "body")
     assert code == 0, err
-    head = [*base, "--method", method, "--freeze-encoder", "--episodes", 5, "--init-checkpoint", tmp_path / "body"]
+    head = [*base, "--method", method, "--freeze-encoder", "--episodes", 5]
+    head += ["--init-checkpoint", tmp_path / "body"]
     code, _, err = _run(capsys, *head, "--cache-dir", tmp_path / "cache", "--output", tmp_path / "head")
     assert code == 0, err
     body, out = read_checkpoint_dir(tmp_path / "body"), read_checkpoint_dir(tmp_path / "head")
@@ -446,3 +447,60 @@ def test_frozen_head_on_a_trained_body(method, folder_dataset, tmp_path, capsys)
     code, _, err = _run(capsys, *head, "--encoder", "resnet18", "--output", tmp_path / "other")
     assert code == 2 and "leave out --encoder" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("method", ["matching", "relation", "feat"])
+def test_head_trains_jointly_with_conv4_and_resumes(method, folder_dataset, tmp_path, capsys):
+    """Without --freeze-encoder a trainable head trains with its encoder: both change, the folder
+    holds both (eval reads it), and a stopped run resumed equals one that never stopped."""
+    from safetensors.torch import load_file
+
+    from protonets.encoders.checkpoint import read_checkpoint_dir
+
+    root = folder_dataset
+    common = [
+        "train", "--method", method, "--dataset", "folder", "--data", root, "--split", root / "train.txt",
+        "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
+    ]  # fmt: skip
+    base = [
+        *common, "--val-split", root / "val.txt", "--val-ways", 3, "--val-shots", 1, "--val-queries", 2,
+        "--val-episodes", 4, "--val-every", 2,
+    ]  # fmt: skip
+    code, _, err = _run(capsys, *base, "--episodes", 4, "--output", tmp_path / "straight")
+    assert code == 0, err
+    code, _, err = _run(capsys, *base, "--episodes", 2, "--output", tmp_path / "stopped")
+    assert code == 0, err
+    code, _, err = _run(capsys, *base, "--episodes", 4, "--output", tmp_path / "stopped", "--resume")
+    assert code == 0, err
+    straight, resumed = (read_checkpoint_dir(tmp_path / d) for d in ("straight", "stopped"))
+    assert straight["head"]["name"] == method and straight["method"] == method
+    assert straight["model"] == "conv4" and straight["step"] == resumed["step"]
+    for role in ("weights_file",):
+        a, b = load_file(straight[role]), load_file(resumed[role])
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    a, b = (load_file(m["paths"]["head.safetensors"]) for m in (straight, resumed))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+    code, _, err = _run(
+        capsys, "eval", "--dataset", "folder", "--data", root, "--split", root / "val.txt",
+        "--ways", 3, "--shots", 1, "--queries", 2, "--episodes", 5, "--quiet", "--no-cache",
+        "--checkpoint", tmp_path / "straight", "--method", method, "--head-checkpoint", tmp_path / "straight",
+    )  # fmt: skip
+    assert code == 0, err
+
+    code, _, err = _run(capsys, *base, "--episodes-per-step", 2, "--output", tmp_path / "x")
+    assert code == 2 and "--episodes-per-step" in err and len(err.strip().splitlines()) == 1
+
+    last = {}  # without validation the last state is saved: one more step moves model and head
+    for episodes in (1, 2):
+        folder = tmp_path / f"last{episodes}"
+        argv = [*common, "--val-split", "none", "--episodes", episodes, "--output", folder]
+        code, _, err = _run(capsys, *argv)
+        assert code == 0, err
+        m = read_checkpoint_dir(folder)
+        last[episodes] = (load_file(m["weights_file"]), load_file(m["paths"]["head.safetensors"]))
+    for one, two in zip(last[1], last[2]):
+        assert any(not torch.equal(one[k], two[k]) for k in one)

@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
     shared_check(args, lambda: check_method_options(args))  # under torchrun: one line, from rank 0
     if args.method == "siamese":  # the Siamese head's own branch (cli/train_siamese.py)
         return train_siamese.run(args)
-    if args.method in train_heads.METHODS:  # a trainable head alone (cli/train_heads.py)
-        refuse_torchrun(args, f"--method {args.method}")
+    if args.method in train_heads.METHODS and args.freeze_encoder:  # a head alone (cli/train_heads.py)
+        refuse_torchrun(args, "--freeze-encoder")
         return train_heads.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
             f"best validation ({config.val_ways}-way {config.val_shots}-shot, "
             f"{config.val_episodes} episodes): {100 * result.best_val_acc:.2f}% at episode {result.best_step}"
         )
-    print(f"checkpoint: {args.output}  (protonets eval --checkpoint {args.output} ...)")
+    head = ""
+    if args.method in train_heads.METHODS:
+        head = f"--method {args.method} --head-checkpoint {args.output} "
+    print(f"checkpoint: {args.output}  (protonets eval {head}--checkpoint {args.output} ...)")
     sys.stdout.flush()
     return 0
 
@@ -155,13 +158,15 @@ def run(args: argparse.Namespace) -> int:
 def check_method_options(args: argparse.Namespace) -> None:
     """Options that do not go together with --method (the same on every rank)."""
     alone = ("anil", "siamese", *train_heads.METHODS)
-    takes_init = alone if args.freeze_encoder else ("protonet", *train_maml.METHODS)
+    takes_init = alone if args.freeze_encoder else ("protonet", *train_maml.METHODS, *train_heads.METHODS)
     if args.init_checkpoint and args.method not in takes_init:
         raise UserInputError(
-            "--init-checkpoint starts the encoder of --method protonet, maml, fomaml or anil from a "
-            "trained folder, or with --freeze-encoder is the fixed encoder of a head "
-            f"({', '.join(alone)}); leave it out for --method {args.method}"
+            "--init-checkpoint starts the encoder of --method protonet, maml, fomaml, anil, matching, "
+            "relation or feat from a trained folder, or with --freeze-encoder is the fixed encoder of "
+            f"a head ({', '.join(alone)}); leave it out for --method {args.method}"
         )
+    if args.method in train_heads.METHODS:
+        train_heads.check_options(args)
     if args.freeze_encoder and args.method not in alone:
         raise UserInputError(
             f"--freeze-encoder trains a head alone: use it with --method siamese or anil, not {args.method}"
@@ -243,6 +248,9 @@ def _build(
     kwargs = {"progress": not args.quiet, "model_kwargs": model_kwargs, "meta": meta, "world": world}
     if args.method in train_maml.METHODS:
         trainer = train_maml.make_trainer(args, encoder, train, val, config, saved, **kwargs)
+    elif args.method in train_heads.METHODS:  # the head with its encoder (cli/train_heads.py)
+        method = train_heads.joint_method(args)
+        trainer = EpisodicTrainer(encoder, train, val, config, output=args.output, method=method, **kwargs)
     else:
         trainer = EpisodicTrainer(encoder, train, val, config, output=args.output, **kwargs)
     return trainer, config, name

@@ -1,26 +1,34 @@
-"""`protonets train --method matching|relation|feat --freeze-encoder`: a trainable head alone.
+"""`protonets train --method matching|relation|feat`: a trainable head, alone or with its encoder.
 
-The head trains episodically on the frozen encoder's cached embeddings (`frozen_embeddings`,
-`protonets.training.heads.train_episodic_head`, the shared `TrainLoop`), in minutes on a CPU,
-and is written with that encoder as one checkpoint folder: evaluate it with `protonets eval
---method NAME --head-checkpoint DIR` (the same DIR as `--checkpoint` embeds as it was trained).
+With `--freeze-encoder` the head trains episodically on a fixed encoder's cached embeddings
+(`frozen_embeddings`, `protonets.training.heads.train_episodic_head`, the shared `TrainLoop`),
+in minutes on a CPU. Without it, the head and the encoder train together on images
+(`protonets.training.joint_heads.JointHeadMethod`, run by the image trainer as ProtoNet is).
+Either way the encoder and the head are written as one checkpoint folder: evaluate it with
+`protonets eval --method NAME --head-checkpoint DIR --checkpoint DIR`.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from protonets.encoders.errors import UserInputError
 
 from .train_setup import DEFAULTS, check_output, frozen_embeddings, splits
+
+if TYPE_CHECKING:
+    from protonets.training.joint_heads import JointHeadMethod
+    from protonets.training.trainer import ImageEpisodes
 
 METHODS = ("matching", "relation", "feat")
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """The options of `protonets train` that only the trainable heads read."""
-    g = parser.add_argument_group("trainable heads (--method matching|relation|feat --freeze-encoder)")
+    g = parser.add_argument_group("trainable heads (--method matching|relation|feat)")
     g.add_argument(
         "--contrastive",
         type=float,
@@ -28,12 +36,45 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         help="feat: weight of FEAT's contrastive regulariser (default 0: off; the paper uses 0.01-0.1)",
     )
     g.add_argument(
-        "--episodes-per-step", type=int, default=1, help="episodes averaged in each optimiser step (1)"
+        "--episodes-per-step",
+        type=int,
+        default=1,
+        help="--freeze-encoder: episodes averaged in each optimiser step (1)",
     )
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The head options that do not go together (before any data is read)."""
+    if args.contrastive < 0 or (args.contrastive and args.method != "feat"):
+        raise UserInputError("--contrastive takes a weight of 0 or more, and only with --method feat")
+    if args.episodes_per_step < 1:
+        raise UserInputError(f"--episodes-per-step must be at least 1, got {args.episodes_per_step}")
+    if args.episodes_per_step > 1 and not args.freeze_encoder:
+        raise UserInputError(
+            "--episodes-per-step is for --freeze-encoder; training with the encoder takes one episode a step"
+        )
+
+
+def joint_method(args: argparse.Namespace) -> Callable[[ImageEpisodes], JointHeadMethod]:
+    """The method of `--method NAME` without --freeze-encoder: the head with its encoder."""
+    from protonets.training.joint_heads import JointHeadMethod
+
+    def build(data: ImageEpisodes) -> JointHeadMethod:
+        return JointHeadMethod(data, args.method, args.contrastive, hidden=hidden(args, data.encoder.dim))
+
+    return build
+
+
+def hidden(args: argparse.Namespace, dim: int) -> int:
+    """The head's hidden width: `--hidden` (matching: the embedding width, at most 256)."""
+    width = min(dim, 256) if args.method == "matching" else args.hidden
+    if width < 1:
+        raise UserInputError(f"--hidden must be at least 1 for --method {args.method}, got {width}")
+    return width
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train the head `args.method` on frozen embeddings and save its checkpoint folder."""
+    """Train the head `args.method` on frozen embeddings (--freeze-encoder) and save its folder."""
     import torch
 
     from protonets.encoders import resolve_device
@@ -41,19 +82,11 @@ def run(args: argparse.Namespace) -> int:
     from protonets.training.checkpoint import write_log
     from protonets.training.heads import train_episodic_head
 
-    if not args.freeze_encoder:
-        raise UserInputError(
-            f"--method {args.method} trains the head alone on a frozen encoder's embeddings: "
-            "add --freeze-encoder (joint training with the encoder is not available)"
-        )
     if args.resume:
         raise UserInputError(
             "--freeze-encoder trains in minutes from cached embeddings; start again instead of --resume"
         )
-    if args.contrastive < 0 or (args.contrastive and args.method != "feat"):
-        raise UserInputError("--contrastive takes a weight of 0 or more, and only with --method feat")
-    if args.episodes_per_step < 1:
-        raise UserInputError(f"--episodes-per-step must be at least 1, got {args.episodes_per_step}")
+    check_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     check_output(args)
@@ -80,10 +113,6 @@ def run(args: argparse.Namespace) -> int:
         "val_every": args.val_every or 200,
         "seed": args.seed or 0,
     }
-    dim = int(emb["train"].shape[1])
-    hidden = min(dim, 256) if args.method == "matching" else args.hidden
-    if hidden < 1:
-        raise UserInputError(f"--hidden must be at least 1 for --method {args.method}, got {hidden}")
     head, history = train_episodic_head(
         args.method,
         emb["train"],
@@ -91,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         emb.get("val"),
         labels.get("val"),
         progress=not args.quiet,
-        hidden=hidden,
+        hidden=hidden(args, int(emb["train"].shape[1])),
         **settings,
     )
     best = max((r for r in history if "val_acc" in r), key=lambda r: r["val_acc"], default=None)

@@ -227,3 +227,37 @@ def test_knn_equal_votes_go_to_the_class_with_the_nearer_hits():
     labels = torch.tensor([[0, 1, 1]])
     logits = create_head("knn", k=3).episode_logits(support, labels, torch.tensor([[[0.2, 0.0]]]), 2)
     assert logits.argmax(-1).tolist() == [[1]]
+
+
+def test_finetune_lowers_the_support_loss_and_stays_inductive():
+    """`finetune` (Chen et al.; easyfsl's Finetune): Adam on the support cross-entropy moves the
+    prototypes so the support set is classified with a lower loss than by its class means; with
+    0 steps it is the prototype head; a query's logits do not depend on the other queries."""
+    import torch.nn.functional as F
+
+    from protonets.heads.prototype import compute_prototypes
+    from protonets.heads.transductive_finetune import distance_logits
+
+    g = torch.Generator().manual_seed(0)
+    support = torch.randn(3, 10, 8, generator=g)
+    labels = torch.arange(5).repeat_interleave(2).expand(3, -1)
+    query = torch.randn(3, 7, 8, generator=g)
+
+    def support_loss(logits):
+        return F.cross_entropy(logits.reshape(-1, 5), labels.reshape(-1))
+
+    means = distance_logits(support, compute_prototypes(support, labels, 5), 1.0)
+    tuned = create_head("finetune", steps=100, lr=0.05, metric="euclidean")
+    assert support_loss(tuned.episode_logits(support, labels, support, 5)) < support_loss(means) - 0.1
+    for metric, twin in (("euclidean", "prototype"), ("cosine", "prototype-cosine")):
+        untuned = create_head("finetune", steps=0, metric=metric).episode_logits(support, labels, query, 5)
+        proto = create_head(twin).episode_logits(support, labels, query, 5)
+        assert torch.equal(untuned.argmax(-1), proto.argmax(-1))
+    head = create_head("finetune", steps=20, lr=0.05)
+    batch = head.episode_logits(support, labels, query, 5)
+    alone = torch.cat([head.episode_logits(support, labels, query[:, i : i + 1], 5) for i in range(7)], 1)
+    torch.testing.assert_close(batch, alone)
+    with pytest.raises(ValueError, match="steps"):
+        create_head("finetune", steps=-1)
+    with pytest.raises(ValueError, match="metric"):
+        create_head("finetune", metric="l3")

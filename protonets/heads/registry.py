@@ -43,6 +43,7 @@ _REGISTRY: dict[str, HeadSpec] = {
     "cl2n": _line("protonets.heads.prototype:PrototypeHead", metric="euclidean", feature_transform="cl2n"),
     "knn": _line("protonets.heads.knn:KNNHead"),
     "logreg": _line("protonets.heads.logreg:LogRegHead"),
+    "finetune": _line("protonets.heads.finetune:FinetuneHead"),
     "maml": _line("protonets.maml.head:MAMLHead"),
     "siamese": _line("protonets.siamese.head:SiameseHead"),
     "temperature-prototype": _line("protonets.heads.temperature:TemperaturePrototypeHead"),

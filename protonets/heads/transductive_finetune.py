@@ -21,6 +21,16 @@ def distance_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: floa
     return -temperature * sq.clamp_min(1e-12).sqrt()
 
 
+def check_finetune_options(steps: int, lr: float, temperature: float) -> None:
+    """The options the fine-tuning heads share: steps >= 0, lr >= 0, temperature > 0."""
+    if int(steps) < 0:
+        raise ValueError(f"steps must be >= 0 (0 = the prototype head), got {steps}")
+    if not float(lr) >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 class TransductiveFinetuneHead(TransductiveHead):
     """Loss per episode: CE(support) + mean entropy(query predictions), on the prototypes.
 
@@ -32,12 +42,7 @@ class TransductiveFinetuneHead(TransductiveHead):
 
     def __init__(self, steps: int = 25, lr: float = 5e-5, temperature: float = 1.0) -> None:
         super().__init__()
-        if int(steps) < 0:
-            raise ValueError(f"steps must be >= 0 (0 = the prototype head), got {steps}")
-        if not float(lr) >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_finetune_options(steps, lr, temperature)
         self.steps, self.lr, self.temperature = int(steps), float(lr), float(temperature)
 
     def hyperparameters(self) -> dict[str, Any]:

@@ -174,3 +174,22 @@ def test_train_relation_then_eval_with_the_checkpoint(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["relation", "prototype"]
     assert all(r["query_balance"] == "dirichlet" and r["alpha"] == 1.5 for r in rows)
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_validation_of_a_joint_feat_head_runs_without_dropout():
+    """The best checkpoint is chosen on deterministic scores: validation turns dropout off."""
+    from protonets.encoders import create_encoder
+    from protonets.training import ImageSet, TrainConfig
+    from protonets.training.joint_heads import JointHeadMethod
+    from protonets.training.trainer import ImageEpisodes
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(24, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    data = ImageSet(images, torch.arange(6).repeat_interleave(4))
+    torch.manual_seed(0)
+    encoder = create_encoder("conv4", pretrained=False)
+    config = TrainConfig(ways=3, shots=1, queries=2, val_ways=3, val_shots=1, val_queries=2, val_episodes=6)
+    method = JointHeadMethod(ImageEpisodes(encoder, data, data, config), "feat", dropout=0.5)
+    method.train(True)
+    first, second = method.validate(), method.validate()
+    assert first == second and method.head.training

@@ -504,3 +504,54 @@ def test_head_trains_jointly_with_conv4_and_resumes(method, folder_dataset, tmp_
         last[episodes] = (load_file(m["weights_file"]), load_file(m["paths"]["head.safetensors"]))
     for one, two in zip(last[1], last[2]):
         assert any(not torch.equal(one[k], two[k]) for k in one)
+
+
+def test_joint_head_runs_refuse_what_would_not_fit(folder_dataset, tmp_path, capsys):
+    """A joint run resumed with another --method or --contrastive, --metric or --hidden 0 for a
+    trained head, and --pretrained with a trained body: one line, exit 2, the run untouched."""
+    root = folder_dataset
+    base = [
+        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
+        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
+    ]  # fmt: skip
+    run = tmp_path / "feat"
+    argv = [*base, "--method", "feat", "--contrastive", 0.1, "--episodes", 2, "--output", run]
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for argv, words in (
+        (["--episodes", 3, "--resume"], "--method feat"),  # --method left out: protonet
+        (["--method", "relation", "--episodes", 3, "--resume"], "--method feat"),
+        (["--method", "feat", "--episodes", 3, "--resume"], "--contrastive"),  # contrastive left out
+    ):
+        code, _, err = _run(capsys, *base, *argv, "--output", run)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    for argv, words in (
+        (["--method", "relation", "--metric", "cosine"], "--metric"),
+        (["--method", "relation", "--hidden", 0], "--hidden"),
+        (["--method", "relation", "--freeze-encoder", "--init-checkpoint", run, "--pretrained"], "--pretr"),
+        (["--method", "siamese", "--freeze-encoder", "--init-checkpoint", tmp_path / "no"], "--init-ch"),
+    ):
+        code, _, err = _run(capsys, *base, *argv, "--episodes", 1, "--output", tmp_path / "new")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "new").exists()
+
+
+def test_anil_head_on_a_trained_body(folder_dataset, tmp_path, capsys):
+    """`--method anil --freeze-encoder --init-checkpoint DIR`: the ANIL head on DIR's model."""
+    from protonets.encoders.checkpoint import read_checkpoint_dir
+
+    root = folder_dataset
+    base = [
+        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
+        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
+    ]  # fmt: skip
+    code, _, err = _run(capsys, *base, "--episodes", 2, "--output", tmp_path / "body")
+    assert code == 0, err
+    code, _, err = _run(
+        capsys, *base, "--method", "anil", "--freeze-encoder", "--episodes", 3, "--init-checkpoint",
+        tmp_path / "body", "--cache-dir", tmp_path / "cache", "--output", tmp_path / "anil",
+    )  # fmt: skip
+    assert code == 0, err
+    assert read_checkpoint_dir(tmp_path / "anil")["model"] == "conv4"

@@ -16,12 +16,14 @@ from . import train_heads, train_maml, train_siamese
 from .common import positive_int
 from .train_setup import (
     DEFAULTS,
+    check_resumed_method,
     given_options,
     load_images,
     refuse_torchrun,
     shared_check,
     splits,
     train_on_ranks,
+    trained_body,
 )
 
 log = logging.getLogger("protonets")
@@ -33,8 +35,9 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p = sub.add_parser(
         "train",
         help=summary,
-        description="Episodic training of ProtoNet (Snell et al. 2017), a Siamese head or the MAML "
-        "family: N-way K-shot episodes, Adam with a step learning-rate schedule, validation "
+        description="Episodic training of ProtoNet (Snell et al. 2017), a Siamese head, the MAML "
+        "family, or a matching, relation or FEAT head with its encoder: N-way K-shot episodes, "
+        "Adam with a step learning-rate schedule, validation "
         "episodes, best-checkpoint selection and resume. Writes DIR/manifest.json + weights (load "
         "with --checkpoint DIR), DIR/train_log.jsonl and DIR/resume/. With --freeze-encoder (siamese, anil, "
         "matching, relation, feat) only the head trains, on cached embeddings, in minutes: no DIR/resume/. "
@@ -73,8 +76,9 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         "--init-checkpoint",
         default=None,
         metavar="DIR",
-        help="protonet, maml, fomaml, anil: start from a trained checkpoint folder's model and "
-        "weights (e.g. MAML from a ProtoNet body); with --freeze-encoder: the fixed encoder",
+        help="protonet, maml, fomaml, anil, matching, relation, feat: start from a trained "
+        "checkpoint folder's model and weights (e.g. MAML from a ProtoNet body); with "
+        "--freeze-encoder: the fixed encoder",
     )
     g.add_argument("--image-size", type=positive_int, default=None, help="override the input side")
     g.add_argument(
@@ -169,7 +173,8 @@ def check_method_options(args: argparse.Namespace) -> None:
         train_heads.check_options(args)
     if args.freeze_encoder and args.method not in alone:
         raise UserInputError(
-            f"--freeze-encoder trains a head alone: use it with --method siamese or anil, not {args.method}"
+            f"--freeze-encoder trains a head alone: use it with --method {', '.join(alone)}, "
+            f"not {args.method}"
         )
 
 
@@ -180,7 +185,6 @@ def _build(
     import torch
 
     from protonets.encoders import create_encoder, with_image_size
-    from protonets.encoders.checkpoint import read_checkpoint_dir
     from protonets.training import EpisodicTrainer, TrainConfig
 
     defaults = DEFAULTS[args.dataset]
@@ -190,6 +194,7 @@ def _build(
 
     given = given_options(args)
     if saved is not None:
+        check_resumed_method(args, saved)
         config = TrainConfig.from_dict(saved["config"])
         differ = [
             f"--{k.replace('_', '-')} {v} (the run has {getattr(config, k)})"
@@ -214,12 +219,7 @@ def _build(
         name, preprocessing, model_kwargs = args.encoder or "conv4", None, {}
     init = None
     if args.init_checkpoint and not args.resume:  # the model, its preprocessing and weights
-        init = read_checkpoint_dir(args.init_checkpoint)
-        if args.encoder not in (None, init["model"]) or args.pretrained:
-            raise UserInputError(
-                f"--init-checkpoint '{args.init_checkpoint}' holds a trained {init['model']}: "
-                "leave out --encoder and --pretrained"
-            )
+        init = trained_body(args)
         name, preprocessing, model_kwargs = init["model"], init["preprocessing"], init.get("model_kwargs", {})
     if args.freeze_encoder:  # the ANIL head alone on cached embeddings (cli/train_maml.py)
         train_maml.run_frozen(args, config, split, val_split, device)
@@ -239,7 +239,10 @@ def _build(
     val = load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
     if val is None:
         log.warning("no validation split: the last state is saved as the checkpoint")
-    meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
+    meta = {
+        "method": args.method,
+        "dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info},
+    }
     if val is not None:
         meta["dataset"]["val"] = val.info
     if init is not None:

@@ -49,6 +49,13 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserInputError("--contrastive takes a weight of 0 or more, and only with --method feat")
     if args.episodes_per_step < 1:
         raise UserInputError(f"--episodes-per-step must be at least 1, got {args.episodes_per_step}")
+    if args.method != "matching" and args.hidden < 1:
+        raise UserInputError(f"--hidden must be at least 1 for --method {args.method}, got {args.hidden}")
+    if args.metric is not None:
+        raise UserInputError(
+            f"--metric sets the prototype head's distance; --method {args.method} scores with its own "
+            "trained head: leave it out"
+        )
     if args.episodes_per_step > 1 and not args.freeze_encoder:
         raise UserInputError(
             "--episodes-per-step is for --freeze-encoder; training with the encoder takes one episode a step"
@@ -67,10 +74,7 @@ def joint_method(args: argparse.Namespace) -> Callable[[ImageEpisodes], JointHea
 
 def hidden(args: argparse.Namespace, dim: int) -> int:
     """The head's hidden width: `--hidden` (matching: the embedding width, at most 256)."""
-    width = min(dim, 256) if args.method == "matching" else args.hidden
-    if width < 1:
-        raise UserInputError(f"--hidden must be at least 1 for --method {args.method}, got {width}")
-    return width
+    return min(dim, 256) if args.method == "matching" else args.hidden
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(
             "--freeze-encoder trains in minutes from cached embeddings; start again instead of --resume"
         )
-    check_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     check_output(args)

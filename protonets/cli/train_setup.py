@@ -222,10 +222,47 @@ def check_output(args: argparse.Namespace) -> None:
         check_bundle_target(args.output, CHECKPOINT_KIND)
 
 
+def check_resumed_method(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    """Refuse to resume a run with another --method (its weights and optimiser would not fit).
+    Older resume states name no method: it is read from the method's own entries when it can be."""
+    method = (saved.get("meta") or {}).get("method")
+    if method is None and "joint_head" in saved:
+        method = saved["joint_head"].get("name")
+    if method is None and "maml" in saved:
+        method = saved["maml"].get("method")
+    if method is not None and method != args.method:
+        raise UserInputError(
+            f"'{args.output}' holds a --method {method} run: resume it with --method {method}, "
+            "or start a new run in another folder"
+        )
+
+
+def trained_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint manifest of `--init-checkpoint DIR` (a trained body), checked: it exists,
+    and neither `--encoder` (another model) nor `--pretrained` contradicts it."""
+    from protonets.encoders.checkpoint import read_checkpoint_dir
+    from protonets.encoders.factory import check_checkpoint
+
+    path = args.init_checkpoint
+    if not os.path.isdir(path):
+        raise UserInputError(
+            f"--init-checkpoint '{path}' is not a folder: pass a checkpoint folder written by "
+            "`protonets train`"
+        )
+    check_checkpoint(path)
+    body = read_checkpoint_dir(path)
+    if args.encoder not in (None, body["model"]) or args.pretrained:
+        raise UserInputError(
+            f"--init-checkpoint '{path}' holds a trained {body['model']}: "
+            "leave out --encoder and --pretrained"
+        )
+    return body
+
+
 def frozen_embeddings(
     args: argparse.Namespace, split: str | None, val_split: str | None, device: str
 ) -> tuple[Encoder, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """What a `--freeze-encoder` head trains on: (pretrained encoder, embeddings, labels, dataset info).
+    """What a `--freeze-encoder` head trains on: (fixed encoder, embeddings, labels, dataset info).
 
     The encoder is the trained model of `--init-checkpoint DIR` (e.g. a Conv-4 ProtoNet body), or
     else `--encoder` (default: the offline default) pretrained; `--image-size` resizes it.
@@ -235,19 +272,11 @@ def frozen_embeddings(
     import torch
 
     from protonets.encoders import create_encoder, with_image_size
-    from protonets.encoders.factory import check_checkpoint
     from protonets.eval.datasets import load_dataset
     from protonets.eval.run import embed_dataset
 
     if args.init_checkpoint:
-        from protonets.encoders.checkpoint import read_checkpoint_dir
-
-        check_checkpoint(args.init_checkpoint)
-        model = read_checkpoint_dir(args.init_checkpoint)["model"]
-        if args.encoder not in (None, model):
-            raise UserInputError(
-                f"--init-checkpoint '{args.init_checkpoint}' holds a trained {model}: leave out --encoder"
-            )
+        model = trained_body(args)["model"]
         encoder = create_encoder(model, checkpoint_path=args.init_checkpoint, device=device)
     else:
         encoder = create_encoder(args.encoder or DEFAULT_ENCODER, pretrained=True, device=device)

@@ -18,6 +18,7 @@ from protonets.encoders.errors import UserInputError
 
 from .train_setup import (
     check_output,
+    check_resumed_method,
     frozen_embeddings,
     given_options,
     load_images,
@@ -35,7 +36,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--proto-weight", type=float, default=1.0, help="weight of the ProtoNet loss on each batch (1.0)"
     )
-    g.add_argument("--hidden", type=int, default=128, help="head MLP width; 0 = Koch's weighted L1")
+    g.add_argument(
+        "--hidden",
+        type=int,
+        default=128,
+        help="head width: siamese MLP (0 = Koch's weighted L1), relation, feat (matching: its "
+        "embedding width, at most 256)",
+    )
     g.add_argument("--no-product", action="store_true", help="pair features |a-b| only (no a*b)")
     g.add_argument("--reduce", choices=["max", "mean"], default="max", help="class score over supports")
     g.add_argument("--affine", action="store_true", help="Koch's random affine distortions")
@@ -144,6 +151,7 @@ def _build(args: argparse.Namespace, saved: dict[str, Any] | None, device: str, 
         "augment": "affine" if args.affine else (args.augment or "none"),
     }
     if saved is not None:
+        check_resumed_method(args, saved)
         config = SiameseConfig.from_dict(saved["config"])
         config.episodes = given.get("episodes", config.episodes)
         name, preprocessing = saved["model"], saved["preprocessing"]
@@ -160,7 +168,10 @@ def _build(args: argparse.Namespace, saved: dict[str, Any] | None, device: str, 
     encoder = with_image_size(encoder, args.image_size, resuming=args.resume)
     train = load_images(args, split, encoder.preprocessing, "training images")
     val = load_images(args, val_split, encoder.preprocessing, "validation images") if val_split else None
-    meta = {"dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info}}
+    meta = {
+        "method": "siamese",
+        "dataset": {"kind": args.dataset, "root": os.path.abspath(args.data), "train": train.info},
+    }
     trainer = SiameseTrainer(
         encoder, train, val, config, output=args.output, progress=not args.quiet, meta=meta, world=world
     )

@@ -5,8 +5,8 @@ single-head transformer layer (residual + layer norm), so each is adapted to the
 are scored by the negative squared Euclidean distance to the adapted prototypes over a
 temperature. Training is episodic, with FEAT's optional contrastive regulariser: the same
 transformer adapts each class's support and query embeddings as a set, and every instance is
-classified against the centres of those sets. Train with `protonets train --method feat
---freeze-encoder`; evaluate with `--head-checkpoint DIR`.
+classified against the centres of those sets. Train with `protonets train --method feat` (with
+its encoder, or `--freeze-encoder` alone); evaluate with `--head-checkpoint DIR`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ its class probabilities are the attention mass on each class, and the logits the
 Untrained, this is plain cosine attention. With `fce=True` the full-context embeddings are
 learned: a bidirectional LSTM over the support set (g, with a skip connection) and an attention
 LSTM over the queries that reads the support `fce_steps` times (f), trained by `protonets train
---method matching --freeze-encoder` and loaded with `--head-checkpoint DIR`.
+--method matching` (with its encoder, or `--freeze-encoder` alone) and loaded with
+`--head-checkpoint DIR`.
 """
 
 from __future__ import annotations

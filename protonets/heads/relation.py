@@ -5,7 +5,8 @@ well a query matches each class; trained with mean squared error against the one
 in the paper. Prototypes are mean support embeddings (the paper sums K-shot feature maps; the
 mean keeps the input scale the same at every shot count). The logits are the module's
 pre-sigmoid outputs, so argmax and softmax order classes as the relation scores do. Train with
-`protonets train --method relation --freeze-encoder`; evaluate with `--head-checkpoint DIR`.
+`protonets train --method relation` (with its encoder, or `--freeze-encoder` alone); evaluate
+with `--head-checkpoint DIR`.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def load_head_checkpoint(directory: str | os.PathLike[str], cls: type[TrainedHea
         raise UserInputError(
             f"checkpoint '{os.fspath(directory)}' holds no {cls.name} head (its head is "
             f"'{entry.get('name', 'none')}'); pass a folder written by "
-            f"`protonets train --method {cls.name} --freeze-encoder`"
+            f"`protonets train --method {cls.name}` (with or without --freeze-encoder)"
         )
     head = cls(**entry["hyperparameters"])
     state = load_file(paths[HEAD_FILE])

@@ -17,7 +17,7 @@ from protonets.encoders.errors import UserInputError
 
 from ..episodes import EpisodeSampler, gather_episodes, sample_episodes
 from ..heads import create_head
-from ..heads.trained import FITTED, TrainedHead
+from ..heads.trained import TrainedHead, head_tensors
 from ..stats import mean_ci95
 from .loop import InMemoryMethod, TrainLoop
 
@@ -75,7 +75,7 @@ class EpisodicHead(InMemoryMethod):
         return {"val_loss": sum(losses) / len(episodes), "val_acc": mean, "val_ci95": ci}
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.head.state_dict().items() if k not in FITTED}
+        return head_tensors(self.head)
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         self.head.load_state_dict(tensors, strict=False)

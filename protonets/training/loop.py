@@ -67,7 +67,8 @@ class Method(Protocol):
 
 class InMemoryMethod:
     """Base of the methods that train one module alone and keep their best weights in memory
-    (heads on frozen embeddings): weights, mode and `load_weights` come from `self.module`."""
+    (heads on frozen embeddings): by default weights, `load_weights` and the mode are
+    `self.module`'s (a subclass may narrow them, e.g. leave out a head's fitted buffers)."""
 
     module: torch.nn.Module
 

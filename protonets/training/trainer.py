@@ -228,24 +228,36 @@ def validate_head(data: ImageEpisodes, head: Any) -> dict[str, float]:
     cfg = data.config
     embeddings = data.val_embeddings()
     losses, accs = [], []
+    was_training = head.training
+    head.eval()  # a trained head's dropout off while it is scored
     for start in range(0, len(embeddings), 100):
         support, s_labels, query, labels = split_episodes(embeddings[start : start + 100], cfg.val_shots)
         logits = head.episode_logits(support, s_labels, query, cfg.val_ways)
         losses.append(F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1))
         accs.append((logits.argmax(-1) == labels).double().mean(1))
+    head.train(was_training)
     acc, ci = mean_ci95(torch.cat(accs))
     return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci}
 
 
 class ProtoNetMethod:
-    """The prototype head on the encoder's embeddings: one episode, one Adam step."""
+    """The prototype head on the encoder's embeddings: one episode, one Adam step.
 
-    def __init__(self, data: ImageEpisodes) -> None:
+    head: another head trained with the encoder (`JointHeadMethod`): its parameters join the
+    optimiser, and `parts()` names every module the step trains.
+    """
+
+    def __init__(self, data: ImageEpisodes, head: Any = None) -> None:
         cfg = data.config
         self.data, self.model = data, data.model
-        self.head = create_head("prototype", metric=cfg.metric)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.head = head if head is not None else create_head("prototype", metric=cfg.metric)
+        params = [*self.model.parameters(), *self.head.parameters()]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self.episode_loss
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The modules a step trains, by name (DistributedDataParallel wraps them together)."""
+        return {"model": self.model}
 
     def episode_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, logits, query labels) of one episode's model inputs `[N × (K+Q), C, H, W]`."""
@@ -259,7 +271,7 @@ class ProtoNetMethod:
         """Under torchrun: the episode loss through DistributedDataParallel (gradients averaged)."""
         from .ddp import data_parallel
 
-        self.forward = data_parallel({"model": self.model}, self.episode_loss, self.data.device)
+        self.forward = data_parallel(self.parts(), self.episode_loss, self.data.device)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.data.config
@@ -282,7 +294,8 @@ class ProtoNetMethod:
         self.model.load_state_dict(prefixed(tensors, "model."))
 
     def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
+        for module in self.parts().values():
+            module.train(mode)
 
     def save_best(self, output: str, best: dict[str, Any]) -> None:
         head = {"name": "prototype", "metric": self.data.config.metric}

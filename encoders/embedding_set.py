@@ -7,15 +7,19 @@ Layout of `DIR` (format 1):
   the sha256 and size of `embeddings.safetensors`, and a checksum over the manifest itself.
 
 Saving writes the data file, then the manifest, each atomically (temporary file, fsync, rename),
-with the user's umask. Reading verifies the manifest checksum and the data file's sha256 and
-shapes, so an edited or half-replaced set is refused with one line, never silently used.
+with the user's umask; `save_embedding_set` streams the rows chunk by chunk, so a set larger
+than RAM (10M × 512 is 20 GB) is written holding one chunk at a time. Reading verifies the
+manifest checksum and the data file's sha256 and shapes, so an edited or half-replaced set is
+refused with one line, never silently used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,15 +53,7 @@ class EmbeddingSet:
         n = self.embeddings.shape[0]
         if self.embeddings.ndim != 2:
             raise UserInputError(f"embeddings must be [N, D], got shape {tuple(self.embeddings.shape)}")
-        if self.labels.shape != (n,) or len(self.paths) != n:
-            raise UserInputError(
-                f"an embedding set needs one label and one path per row: {n} rows, "
-                f"{tuple(self.labels.shape)} labels, {len(self.paths)} paths"
-            )
-        if self.rotations is not None and len(self.rotations) != n:
-            raise UserInputError(f"{len(self.rotations)} rotations for {n} rows")
-        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
-            raise UserInputError(f"labels must index the {len(self.class_names)} class names")
+        check_rows(n, self.labels, self.paths, self.class_names, self.rotations)
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -68,28 +64,17 @@ class EmbeddingSet:
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write `directory/embeddings.safetensors` and `directory/manifest.json` atomically."""
-        from safetensors.torch import save_file
-
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        data = os.path.join(directory, DATA_FILE)
-        tensors = {"embeddings": self.embeddings, "labels": self.labels}
-        write_atomically(data, lambda tmp: save_file(tensors, tmp))
-        manifest: dict[str, Any] = {
-            "kind": KIND,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "count": len(self),
-            "dim": self.dim,
-            "class_names": list(self.class_names),
-            "paths": list(self.paths),
-            "data": {"file": DATA_FILE, "sha256": sha256_file(data), "bytes": os.path.getsize(data)},
-            "info": self.info,
-        }
-        if self.rotations is not None and any(self.rotations):
-            manifest["rotations"] = [int(r) for r in self.rotations]
-        manifest["checksum"] = manifest_checksum(manifest)
-        write_json_atomically(os.path.join(directory, MANIFEST), manifest)
+        save_embedding_set(
+            directory,
+            [self.embeddings],
+            self.labels,
+            self.dim,
+            self.class_names,
+            self.paths,
+            self.fingerprint,
+            self.rotations,
+            self.info,
+        )
 
     @classmethod
     def load(
@@ -113,6 +98,91 @@ class EmbeddingSet:
             rotations=manifest.get("rotations"),
             info=dict(manifest.get("info", {})),
         )
+
+
+def check_rows(
+    n: int,
+    labels: torch.Tensor,
+    paths: Sequence[str],
+    class_names: Sequence[str],
+    rotations: Sequence[int] | None,
+) -> None:
+    """One label (an index into `class_names`), one path and, if given, one rotation per row."""
+    if tuple(labels.shape) != (n,) or len(paths) != n:
+        raise UserInputError(
+            f"an embedding set needs one label and one path per row: {n} rows, "
+            f"{tuple(labels.shape)} labels, {len(paths)} paths"
+        )
+    if rotations is not None and len(rotations) != n:
+        raise UserInputError(f"{len(rotations)} rotations for {n} rows")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= len(class_names)):
+        raise UserInputError(f"labels must index the {len(class_names)} class names")
+
+
+def save_embedding_set(
+    directory: str | os.PathLike[str],
+    chunks: Iterable[torch.Tensor],
+    labels: torch.Tensor,
+    dim: int,
+    class_names: Sequence[str],
+    paths: Sequence[str],
+    fingerprint: dict[str, Any],
+    rotations: Sequence[int] | None = None,
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write an embedding set whose rows come as `chunks` (float32 `[n_i, dim]`, in row order),
+    holding one chunk at a time: the data file (sha256 computed while writing), then the
+    manifest, each atomically. `labels` `[N]` and `paths` give N."""
+    directory = os.fspath(directory)
+    labels = torch.as_tensor(labels).to(torch.int64).contiguous()
+    n = len(labels)
+    check_rows(n, labels, paths, class_names, rotations)
+    os.makedirs(directory, exist_ok=True)
+    data = os.path.join(directory, DATA_FILE)
+    xbytes = n * dim * 4
+    header = {
+        "embeddings": {"dtype": "F32", "shape": [n, dim], "data_offsets": [0, xbytes]},
+        "labels": {"dtype": "I64", "shape": [n], "data_offsets": [xbytes, xbytes + 8 * n]},
+    }
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes
+    digest = hashlib.sha256()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+
+            def put(part: bytes) -> None:
+                handle.write(part)
+                digest.update(part)
+
+            put(struct.pack("<Q", len(blob)) + blob)
+            rows = 0
+            for chunk in chunks:
+                x = torch.as_tensor(chunk).to(torch.float32).contiguous()
+                if x.ndim != 2 or x.shape[1] != dim:
+                    raise UserInputError(f"embeddings must be [N, {dim}], got shape {tuple(x.shape)}")
+                rows += len(x)
+                put(x.numpy().tobytes())
+            if rows != n:
+                raise UserInputError(f"{rows} embedding rows for {n} labels")
+            put(labels.numpy().tobytes())
+
+    write_atomically(data, write)
+    manifest: dict[str, Any] = {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "count": n,
+        "dim": dim,
+        "class_names": list(class_names),
+        "paths": list(paths),
+        "data": {"file": DATA_FILE, "sha256": digest.hexdigest(), "bytes": os.path.getsize(data)},
+        "info": info or {},
+    }
+    if rotations is not None and any(rotations):
+        manifest["rotations"] = [int(r) for r in rotations]
+    manifest["checksum"] = manifest_checksum(manifest)
+    write_json_atomically(os.path.join(directory, MANIFEST), manifest)
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:

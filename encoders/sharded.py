@@ -29,7 +29,7 @@ from typing import Any
 
 from .atomic import LOCK_FILE, MANIFEST, TMP_PREFIX, write_atomically, write_json_atomically
 from .distributed import World, all_gather, all_ranks_agree, barrier, broadcast
-from .embedding_set import DATA_FILE, KIND, EmbeddingSet
+from .embedding_set import DATA_FILE, KIND, save_embedding_set
 from .encoder import Encoder
 from .errors import UserInputError
 from .images import ImageItem, check_images
@@ -254,8 +254,11 @@ def _write_chunk(path: str, key: str, rows: range, files: str, result: Any) -> N
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _read_chunk(path: str, key: str, rows: range, dim: int) -> tuple[Any, Any, list[Any]]:
-    """(embeddings, global rows kept, [[row, message] skipped]) of a chunk, checked."""
+def _read_chunk(
+    path: str, key: str, rows: range, dim: int, embeddings: bool = True
+) -> tuple[Any, Any, list[Any]]:
+    """(embeddings, global rows kept, [[row, message] skipped]) of a chunk, checked; with
+    `embeddings=False` the first item is None and the embeddings are not read (only their shape)."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -266,7 +269,9 @@ def _read_chunk(path: str, key: str, rows: range, dim: int) -> tuple[Any, Any, l
     try:
         with safe_open(path, framework="pt") as handle:
             meta = handle.metadata() or {}
-            embeddings, kept = handle.get_tensor("embeddings"), handle.get_tensor("rows")
+            shape = tuple(handle.get_slice("embeddings").get_shape())
+            x = handle.get_tensor("embeddings") if embeddings else None
+            kept = handle.get_tensor("rows")
         failed = json.loads(meta.get("failed", "[]"))
     except Exception as exc:  # noqa: BLE001
         raise UserInputError(
@@ -274,7 +279,7 @@ def _read_chunk(path: str, key: str, rows: range, dim: int) -> tuple[Any, Any, l
         ) from None
     good = (
         meta.get("key") == key
-        and tuple(embeddings.shape) == (len(kept), dim)
+        and shape == (len(kept), dim)
         and all(rows.start <= int(r) < rows.stop for r in kept.tolist())
         and bool((kept[1:] > kept[:-1]).all())
     )
@@ -282,7 +287,7 @@ def _read_chunk(path: str, key: str, rows: range, dim: int) -> tuple[Any, Any, l
         raise UserInputError(
             f"chunk '{path}' does not belong to this run; delete it and run the command again"
         )
-    return embeddings, kept, failed
+    return x, kept, failed
 
 
 def _kill_hook(world: World, written: int) -> None:
@@ -427,24 +432,27 @@ def _assemble(
 ) -> EmbedSummary:
     import torch
 
-    parts, kept, skipped = [], [], []
+    # two passes over the chunks: their rows and skipped images first, then their embeddings,
+    # streamed into the data file one chunk at a time (rank 0 never holds the whole set)
+    kept, skipped = [], []
     for rows in ranges:
-        embeddings, rows_kept, failed = _read_chunk(names[rows.start], key, rows, dim)
-        parts.append(embeddings)
+        _, rows_kept, failed = _read_chunk(names[rows.start], key, rows, dim, embeddings=False)
         kept.append(rows_kept)
         skipped += [paths[int(row)] for row, _ in failed]
-    index = torch.cat(kept).tolist()
+    index = torch.cat(kept).tolist() if kept else []
     rotations = [source.items[i].rotation for i in index]
-    labels = [int(source.labels[i]) for i in index]
+    labels = torch.tensor([int(source.labels[i]) for i in index], dtype=torch.int64)
     info = {**source.info, "signature": signature, "images": len(paths), "skipped": skipped}
-    embedding_set = EmbeddingSet(
-        embeddings=torch.cat(parts) if parts else torch.empty(0, dim),
-        labels=torch.tensor(labels, dtype=torch.int64),
-        class_names=list(source.class_names),
-        paths=[paths[i] for i in index],
-        fingerprint=source.encoder.fingerprint,
-        rotations=rotations if any(rotations) else None,
-        info=info,
+    chunks = (_read_chunk(names[rows.start], key, rows, dim)[0] for rows in ranges)
+    save_embedding_set(
+        output,
+        chunks,
+        labels,
+        dim,
+        list(source.class_names),
+        [paths[i] for i in index],
+        source.encoder.fingerprint,
+        rotations if any(rotations) else None,
+        info,
     )
-    embedding_set.save(output)
-    return EmbedSummary(output, len(embedding_set), dim, len(paths), len(ranges), reused, skipped)
+    return EmbedSummary(output, len(index), dim, len(paths), len(ranges), reused, skipped)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -297,38 +296,22 @@ def rss_parts_gib() -> dict[str, float]:
 
 def write_embedding_set(data: Data, n: int, directory: str, chunk: int) -> None:
     """A `protonets embed`-format set of n rows (class i % classes), streamed to disk."""
-    from protonets.encoders.atomic import manifest_checksum, sha256_file, write_json_atomically
-    from protonets.encoders.embedding_set import DATA_FILE, FORMAT_VERSION, KIND
+    from protonets.encoders.embedding_set import save_embedding_set
 
-    os.makedirs(directory, exist_ok=True)
-    dim, xbytes = data.dim, n * data.dim * 4
-    header = {
-        "embeddings": {"dtype": "F32", "shape": [n, dim], "data_offsets": [0, xbytes]},
-        "labels": {"dtype": "I64", "shape": [n], "data_offsets": [xbytes, xbytes + 8 * n]},
-    }
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    path = os.path.join(directory, DATA_FILE)
     t0 = time.perf_counter()
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)) + blob)
-        for start in range(0, n, chunk):
-            handle.write(data.chunk(start, min(chunk, n - start))[0].tobytes())
-        handle.write((np.arange(n, dtype=np.int64) % data.classes).tobytes())
-    manifest = {
-        "kind": KIND,
-        "format_version": FORMAT_VERSION,
-        "fingerprint": {"model": "synthetic", "weights_sha256": "0" * 64, "preprocessing": {}},
-        "count": n,
-        "dim": dim,
-        "class_names": [f"class{i}" for i in range(data.classes)],
-        "paths": [str(i) for i in range(n)],
-        "data": {"file": DATA_FILE, "sha256": sha256_file(path), "bytes": os.path.getsize(path)},
-        "info": {"synthetic": "scripts/bench_memory.py"},
-    }
-    manifest["checksum"] = manifest_checksum(manifest)
-    write_json_atomically(os.path.join(directory, "manifest.json"), manifest)
-    print(f"  wrote embedding set {directory}: {n:,} × {dim} in {time.perf_counter() - t0:.0f}s", flush=True)
+    chunks = (torch.from_numpy(data.chunk(start, min(chunk, n - start))[0]) for start in range(0, n, chunk))
+    save_embedding_set(
+        directory,
+        chunks,
+        torch.arange(n, dtype=torch.int64) % data.classes,
+        data.dim,
+        [f"class{i}" for i in range(data.classes)],
+        [str(i) for i in range(n)],
+        {"model": "synthetic", "weights_sha256": "0" * 64, "preprocessing": {}},
+        info={"synthetic": "scripts/bench_memory.py"},
+    )
+    seconds = time.perf_counter() - t0
+    print(f"  wrote embedding set {directory}: {n:,} × {data.dim} in {seconds:.0f}s", flush=True)
 
 
 def part_three(args: argparse.Namespace) -> None:

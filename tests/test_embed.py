@@ -257,3 +257,29 @@ def test_images_replaced_between_a_stop_and_a_restart_are_embedded_again(data, t
     assert main(["embed", str(data), "--output", str(fresh), *FAST]) == 0
     got, want = EmbeddingSet.load(out), EmbeddingSet.load(fresh)
     assert got.paths == want.paths and float((got.embeddings - want.embeddings).abs().max()) <= 1e-5
+
+
+def test_a_set_streamed_in_chunks_reads_back_as_one(tmp_path):
+    """`save_embedding_set` writes rows chunk by chunk (rank 0's assembly holds one chunk at a
+    time) into the same file `EmbeddingSet.save` writes; a wrong row count writes nothing."""
+    import torch
+    from safetensors.torch import load_file
+
+    from protonets.encoders.embedding_set import EmbeddingSet, save_embedding_set
+
+    x = torch.randn(10, 3)
+    labels = torch.tensor([0, 1] * 5)
+    fields = (["a", "b"], [f"{i}.png" for i in range(10)], {"model": "m"})
+    save_embedding_set(tmp_path / "chunks", (x[i : i + 4] for i in range(0, 10, 4)), labels, 3, *fields)
+    EmbeddingSet(x, labels, *fields).save(tmp_path / "whole")
+    assert (tmp_path / "chunks" / "embeddings.safetensors").read_bytes() == (
+        tmp_path / "whole" / "embeddings.safetensors"
+    ).read_bytes()
+    tensors = load_file(tmp_path / "chunks" / "embeddings.safetensors")  # the safetensors library
+    assert torch.equal(tensors["embeddings"], x) and torch.equal(tensors["labels"], labels)
+    loaded = EmbeddingSet.load(tmp_path / "chunks")
+    assert torch.equal(loaded.embeddings, x) and torch.equal(loaded.labels, labels)
+    with pytest.raises(Exception, match="9 embedding rows for 10 labels"):
+        save_embedding_set(tmp_path / "short", [x[:9]], labels, 3, *fields)
+    assert not (tmp_path / "short" / "manifest.json").exists()
+    assert [p.name for p in (tmp_path / "short").iterdir()] == []

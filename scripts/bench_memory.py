@@ -353,6 +353,10 @@ def part_three(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     memory = SupportMemory.load(mem_dir)
     load_s = time.perf_counter() - t0
+    if args.recalibrate:  # the last step of a build, run again with this release's calibration
+        t1 = time.perf_counter()
+        calibration = memory.calibrate()
+        print(f"  recalibrated in {time.perf_counter() - t1:.0f}s: {calibration}", flush=True)
     loaded = rss_parts_gib()
     reset_peak()
     t0 = time.perf_counter()
@@ -449,6 +453,9 @@ def main() -> None:
     p.add_argument("--rerank", type=int, default=None, help="part 3: memory build --rerank")
     p.add_argument("--nprobe", type=int, default=None, help="part 3: memory build --nprobe")
     p.add_argument("--compare-ram", action="store_true", help="part 3: also load MEM into RAM")
+    p.add_argument(
+        "--recalibrate", action="store_true", help="part 3: calibrate MEM's search again after loading it"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

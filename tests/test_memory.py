@@ -514,3 +514,32 @@ def test_ivfpq_reranks_enough_candidates_to_agree_with_exact():
     _, labels, ids = memory.search(q, k=1, return_ids=True)
     assert (labels == exact_labels).mean() >= 0.97
     assert (ids == exact_ids).mean() >= 0.97
+
+
+def test_ivfpq_calibration_grows_the_shortlist_when_pq_misorders_neighbours():
+    """Coarse codes (4 bytes for 64 dims) push the true neighbour past 256 PQ candidates:
+    calibration picks a longer shortlist with the lists probed (at 10M × 512, 256 candidates
+    held agreement at 0.97 even probing every list), and fresh queries agree with exact search."""
+    x, y = _crowded(20_000, 64, stream=0)
+    q, _ = _crowded(500, 64, stream=1)
+    memory = SupportMemory(64, "cosine", "ivfpq", pq_m=4)
+    memory.add(x, y.tolist())
+    calibration = memory.info()["calibration"]
+    assert calibration["candidates"] > 256 and calibration["lower_bound"] >= 0.99, calibration
+    _, exact_labels = memory.search(q, k=1, exact=True)
+    _, labels = memory.search(q, k=1)
+    assert (labels == exact_labels).mean() >= 0.98
+    memory._calibration.pop("candidates")  # a memory calibrated before shortlists: the 256 floor
+    _, older = memory.search(q, k=1)
+    assert (older != labels).any()
+
+
+def test_calibrate_again_reproduces_the_calibration_of_add():
+    x, y = _crowded(20_000, 64, stream=0)
+    memory = SupportMemory(64, "cosine", "ivfpq", pq_m=4)
+    memory.add(x, y.tolist())
+    first = memory.info()["calibration"]
+    memory._calibration = {"nprobe": 1, "probes": 0}  # e.g. a memory saved by an earlier release
+    assert memory.calibrate() == first == memory.info()["calibration"]
+    with pytest.raises(ValueError, match="calibrate"):
+        SupportMemory(64, "cosine", "ivfpq", pq_m=4, nprobe=4).calibrate()

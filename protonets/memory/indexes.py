@@ -54,6 +54,13 @@ NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 #: on fresh queries); with it, 8 lists and 0.999 (200k: 4 of 2048 lists, 5-9× the queries/s of exact search).
 RERANK_MIN_CANDIDATES = 256
 
+#: Shortlists an IVF-PQ memory with kept vectors may calibrate to (PQ candidates re-ranked
+#: exactly). The 256 floor holds to 1M × 512; at 10M the true neighbour falls outside 256
+#: candidates for 3% of queries (agreement 0.97 even probing every list), so calibration grows
+#: the shortlist too: for each nprobe in turn, the smallest shortlist whose lower bound reaches
+#: TARGET_AGREEMENT, counting a probe as a hit only when its exact neighbour is in the shortlist.
+RERANK_CANDIDATE_STEPS = (256, 512, 1024, 2048, 4096)
+
 
 @dataclass
 class IndexParams:

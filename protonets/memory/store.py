@@ -401,6 +401,17 @@ class SupportMemory:
             self._index = None
             self._restructure(force=True)
 
+    def calibrate(self) -> dict[str, Any]:
+        """Calibrate the search again on the stored vectors, as `add` does after training: nprobe
+        and, for a re-ranked IVF-PQ memory, the shortlist (e.g. for a memory saved by an earlier
+        release, before shortlists were calibrated). Nothing is retrained; returns the
+        calibration that `info()` shows."""
+        if not isinstance(self._index, faiss.IndexIVF) or self._vectors is None or self.params.nprobe:
+            raise ValueError("calibrate() needs an IVF index, the kept vectors and no fixed nprobe")
+        with self._lock.write():
+            self._calibrate()
+        return dict(self._calibration or {})
+
     # -- reading -------------------------------------------------------------------------
     def search(
         self, queries: Any, k: int = 10, exact: bool = False, return_ids: bool = False
@@ -770,15 +781,40 @@ class SupportMemory:
         want = self._labels[best_other(exact)]
         self._calibration = None
         nlist = self._index.nlist
+        shortlists = self._rerank_steps()
         for nprobe in [p for p in indexes.NPROBE_STEPS if p < nlist] + [nlist]:
             self._calibration = {"nprobe": nprobe, "probes": len(rows)}
-            got = best_other(self._search_ids(probes, 2, exact=False)[1])
-            hits = int(np.sum((got >= 0) & (self._labels[np.maximum(got, 0)] == want)))
+            if shortlists:  # IVF-PQ re-ranked: the nprobe and the shortlist together
+                found = self._shortlist_hits(probes, best_other(exact), nprobe, shortlists)
+                for size, hits in zip(shortlists, found):
+                    self._calibration["candidates"] = size
+                    if indexes.wilson_lower(hits, len(rows)) >= indexes.TARGET_AGREEMENT:
+                        break
+            else:
+                got = best_other(self._search_ids(probes, 2, exact=False)[1])
+                hits = int(np.sum((got >= 0) & (self._labels[np.maximum(got, 0)] == want)))
             lower = indexes.wilson_lower(hits, len(rows))
             self._calibration["agreement"] = round(hits / max(len(rows), 1), 4)
             self._calibration["lower_bound"] = round(lower, 4)
             if lower >= indexes.TARGET_AGREEMENT:
                 break
+
+    def _rerank_steps(self) -> tuple[int, ...]:
+        """The shortlist sizes calibration tries (none when nothing is re-ranked)."""
+        pq = isinstance(self._index, faiss.IndexIVFPQ)
+        reranks = pq and self.params.rerank and self._vectors is not None
+        return indexes.RERANK_CANDIDATE_STEPS if reranks else ()
+
+    def _shortlist_hits(
+        self, probes: np.ndarray, nearest: np.ndarray, nprobe: int, sizes: tuple[int, ...]
+    ) -> list[int]:
+        """For each shortlist size: the probes whose exact nearest other vector is among that many
+        PQ candidates (re-ranking then finds it), with `nprobe` lists probed."""
+        params = indexes.search_params(self._index, self.params, None, nprobe)
+        ids = self._index.search(probes, max(sizes) + 1, params=params)[1]  # +1: the probe itself
+        where = ids == nearest[:, None]
+        rank = np.where(where.any(1), where.argmax(1), np.iinfo(np.int64).max)
+        return [int(np.sum(rank < size + 1)) for size in sizes]
 
     def _nprobe(self) -> int:
         """Lists probed per query: as given, else as calibrated, else the sized default."""
@@ -837,7 +873,8 @@ class SupportMemory:
         rerank = self.params.rerank if isinstance(self._index, faiss.IndexIVFPQ) else 0
         fetch = k
         if rerank and self._vectors is not None:
-            fetch = max(k * rerank, indexes.RERANK_MIN_CANDIDATES)
+            calibrated = (self._calibration or {}).get("candidates", indexes.RERANK_MIN_CANDIDATES)
+            fetch = max(k * rerank, int(calibrated))
         dist, ids = self._index.search(q, fetch, params=params)
         if fetch > k:
             return self._rerank(q, ids, k)

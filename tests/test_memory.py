@@ -543,3 +543,24 @@ def test_calibrate_again_reproduces_the_calibration_of_add():
     assert memory.calibrate() == first == memory.info()["calibration"]
     with pytest.raises(ValueError, match="calibrate"):
         SupportMemory(64, "cosine", "ivfpq", pq_m=4, nprobe=4).calibrate()
+
+
+def test_memory_calibrate_command_rewrites_only_the_calibration(tmp_path, capsys):
+    from protonets.cli import main
+
+    x, y = _crowded(20_000, 64, stream=0)
+    memory = SupportMemory(64, "cosine", "ivfpq", pq_m=4)
+    memory.add(x, y.tolist())
+    fresh = memory.info()["calibration"]
+    memory._calibration = {"nprobe": 1, "probes": 0}  # as an earlier release would have saved it
+    memory.save(tmp_path / "m")
+    assert main(["memory", "calibrate", str(tmp_path / "m")]) == 0
+    again = SupportMemory.load(tmp_path / "m")
+    assert again.info()["calibration"] == fresh and len(again) == len(x)
+    flat = SupportMemory(64, "cosine", "flat")
+    flat.add(x[:100], y[:100].tolist())
+    flat.save(tmp_path / "flat")
+    capsys.readouterr()
+    assert main(["memory", "calibrate", str(tmp_path / "flat")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibrate() needs an IVF index" in err[0]

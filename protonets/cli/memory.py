@@ -1,6 +1,7 @@
-"""`protonets memory build|add|query|info|rename`: a saved, growing support memory of embedded images.
+"""`protonets memory build|add|query|info|rename|calibrate`: a saved, growing support memory of
+embedded images.
 
-`add` and `rename` change a memory under its folder's exclusive lock, re-reading it there, so
+`add`, `rename` and `calibrate` change a memory under its folder's exclusive lock, re-reading it there, so
 concurrent runs all keep their rows. Every row records the sha256 of its image file: images
 already in the memory are skipped (with a count) unless `--allow-duplicates`.
 """
@@ -114,6 +115,14 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     r.add_argument("old", metavar="OLD", help="the class name now")
     r.add_argument("new", metavar="NEW", help="its new name")
     r.set_defaults(run=run_rename)
+
+    c = actions.add_parser(
+        "calibrate",
+        help="calibrate a saved IVF memory's search again (nprobe, and an IVF-PQ memory's re-ranked "
+        "shortlist), e.g. one saved by an earlier release",
+    )
+    c.add_argument("directory", metavar="DIR", help="a saved memory")
+    c.set_defaults(run=run_calibrate)
 
 
 def _from_option(p: Any, required: bool = True) -> None:
@@ -368,6 +377,19 @@ def run_rename(args: argparse.Namespace) -> int:
             old = int(args.old)
         memory.rename_class(old, args.new)
     print(f"renamed class {args.old!r} to {args.new!r} in '{args.directory}'")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from ..memory import SupportMemory
+
+    with SupportMemory.updating(args.directory) as memory:
+        before = memory.info().get("calibration")
+        try:
+            after = memory.calibrate()
+        except ValueError as exc:
+            raise UserInputError(f"'{args.directory}': {exc}") from None
+    print(f"calibrated '{args.directory}': {json.dumps(after)} (was {json.dumps(before)})")
     return 0
 
 

@@ -401,15 +401,15 @@ class SupportMemory:
             self._index = None
             self._restructure(force=True)
 
-    def calibrate(self) -> dict[str, Any]:
+    def calibrate(self, seed: int = 1) -> dict[str, Any]:
         """Calibrate the search again on the stored vectors, as `add` does after training: nprobe
         and, for a re-ranked IVF-PQ memory, the shortlist (e.g. for a memory saved by an earlier
-        release, before shortlists were calibrated). Nothing is retrained; returns the
-        calibration that `info()` shows."""
+        release, before shortlists were calibrated). Nothing is retrained. `seed` draws the
+        sample of stored vectors probed (`add` uses 1). Returns the calibration `info()` shows."""
         if not isinstance(self._index, faiss.IndexIVF) or self._vectors is None or self.params.nprobe:
             raise ValueError("calibrate() needs an IVF index, the kept vectors and no fixed nprobe")
         with self._lock.write():
-            self._calibrate()
+            self._calibrate(seed=seed)
         return dict(self._calibration or {})
 
     # -- reading -------------------------------------------------------------------------
@@ -764,12 +764,12 @@ class SupportMemory:
             if isinstance(index, faiss.IndexIVF):
                 self._calibrate()
 
-    def _calibrate(self, exact_ids: np.ndarray | None = None) -> None:
+    def _calibrate(self, exact_ids: np.ndarray | None = None, seed: int = 1) -> None:
         """Pick nprobe: the fewest lists for which the lower 95% (Wilson) bound of the top-1 class
         agreement with exact search reaches TARGET_AGREEMENT on a sample of stored vectors, each
         queried leaving itself out. `exact_ids`: the probes' exact top-2 ids, when computed
         elsewhere (each rank of a sharded build over its own rows)."""
-        rows = indexes.sample_rows(self._n, min(indexes.CALIBRATION_PROBES, self._n), seed=1)
+        rows = indexes.sample_rows(self._n, min(indexes.CALIBRATION_PROBES, self._n), seed=seed)
         alive = self._labels[rows] >= 0
         rows = rows[alive]
         probes = self._vectors[rows]

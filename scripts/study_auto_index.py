@@ -77,22 +77,32 @@ def main() -> None:
         start = time.perf_counter()
         memory = SupportMemory(args.dim, index="auto")
         memory.add(x, y)
-        build = time.perf_counter() - start
-        info = memory.info()
-        approx = memory.search(q, k=1)[1][:, 0]
-        exact = memory.search(q, k=1, exact=True)[1][:, 0]
-        agree = float(np.mean(approx == exact))
-        fresh.append(agree)
-        cal = info.get("calibration", {})
-        print(
-            f"{seed:>4}  {info.get('nlist', '-'):>5}  {info.get('nprobe', '-'):>6}  "
-            f"{cal.get('agreement', float('nan')):>11.4f}  {cal.get('lower_bound', float('nan')):>11.4f}  "
-            f"{agree:>11.4f}  {float(np.mean(exact == qy)):>13.3f}  {build:>7.1f}",
-            flush=True,
-        )
+        fresh.append(fresh_row(seed, memory, q, qy, time.perf_counter() - start))
+    summary(fresh)
+
+
+def fresh_row(seed: int, memory: SupportMemory, q: np.ndarray, qy: np.ndarray, seconds: float) -> float:
+    """Print one seed's row (the memory's calibration, fresh agreement, 1-NN accuracy); the agreement."""
+    info = memory.info()
+    approx = memory.search(q, k=1)[1][:, 0]
+    exact = memory.search(q, k=1, exact=True)[1][:, 0]
+    agree = float(np.mean(approx == exact))
+    cal = info.get("calibration", {})
+    print(
+        f"{seed:>4}  {info.get('nlist', '-'):>5}  {info.get('nprobe', '-'):>6}  "
+        f"{cal.get('agreement', float('nan')):>11.4f}  {cal.get('lower_bound', float('nan')):>11.4f}  "
+        f"{agree:>11.4f}  {float(np.mean(exact == qy)):>13.3f}  {seconds:>7.1f}",
+        flush=True,
+    )
+    return agree
+
+
+def summary(fresh: list[float]) -> None:
     ok = sum(a >= 0.99 for a in fresh)
-    print(f"fresh agreement >= 0.99 in {ok} of {len(fresh)} seeds; min {min(fresh):.4f}, "
-          f"mean {np.mean(fresh):.4f}")
+    print(
+        f"fresh agreement >= 0.99 in {ok} of {len(fresh)} seeds; min {min(fresh):.4f}, "
+        f"mean {np.mean(fresh):.4f}"
+    )
 
 
 def one_build(args: argparse.Namespace) -> None:
@@ -112,24 +122,11 @@ def one_build(args: argparse.Namespace) -> None:
     fresh = []
     for seed in range(args.seeds):
         start = time.perf_counter()
-        cal = memory.calibrate(seed=seed + 1)  # seed 1 is the sample `add` used
+        memory.calibrate(seed=seed + 1)  # seed 1 is the sample `add` used
         took = time.perf_counter() - start
         q, qy = data.block(args.queries, stream=seed + 1)
-        approx = memory.search(q, k=1)[1][:, 0]
-        exact = memory.search(q, k=1, exact=True)[1][:, 0]
-        agree = float(np.mean(approx == exact))
-        fresh.append(agree)
-        print(
-            f"{seed:>4}  {memory.info()['nlist']:>5}  {cal['nprobe']:>6}  {cal['agreement']:>11.4f}  "
-            f"{cal['lower_bound']:>11.4f}  {agree:>11.4f}  {float(np.mean(exact == qy)):>13.3f}  "
-            f"{took:>7.1f}",
-            flush=True,
-        )
-    ok = sum(a >= 0.99 for a in fresh)
-    print(
-        f"fresh agreement >= 0.99 in {ok} of {len(fresh)} seeds; min {min(fresh):.4f}, "
-        f"mean {np.mean(fresh):.4f}"
-    )
+        fresh.append(fresh_row(seed, memory, q, qy, took))
+    summary(fresh)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,14 @@ def folder_dataset(tmp_path_factory):
     return write_class_folder(tmp_path_factory.mktemp("folder"), synthetic(8, 6, 7).images, 8, 6, 5)
 
 
+def tiny_run(root):
+    """`protonets train` arguments of a tiny 3-way 1-shot run on `folder_dataset`, no validation."""
+    return [
+        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
+        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
+    ]  # fmt: skip
+
+
 def _run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -383,10 +391,7 @@ def test_init_checkpoint_starts_from_a_trained_body(folder_dataset, tmp_path, ca
     from protonets.encoders.checkpoint import read_checkpoint_dir
 
     root = folder_dataset
-    base = [
-        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
-        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
-    ]  # fmt: skip
+    base = tiny_run(root)
     code, _, err = _run(capsys, *base, "--episodes", 3, "--output", tmp_path / "body")
     assert code == 0, err
     code, _, err = _run(
@@ -419,10 +424,7 @@ def test_frozen_head_on_a_trained_body(method, folder_dataset, tmp_path, capsys)
     from protonets.encoders.checkpoint import read_checkpoint_dir
 
     root = folder_dataset
-    base = [
-        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
-        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
-    ]  # fmt: skip
+    base = tiny_run(root)
     code, _, err = _run(capsys, *base, "--episodes", 2, "--output", tmp_path / "body")
     assert code == 0, err
     head = [*base, "--method", method, "--freeze-encoder", "--episodes", 5]
@@ -510,10 +512,7 @@ def test_joint_head_runs_refuse_what_would_not_fit(folder_dataset, tmp_path, cap
     """A joint run resumed with another --method or --contrastive, --metric or --hidden 0 for a
     trained head, and --pretrained with a trained body: one line, exit 2, the run untouched."""
     root = folder_dataset
-    base = [
-        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
-        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
-    ]  # fmt: skip
+    base = tiny_run(root)
     run = tmp_path / "feat"
     argv = [*base, "--method", "feat", "--contrastive", 0.1, "--episodes", 2, "--output", run]
     code, _, err = _run(capsys, *argv)
@@ -543,10 +542,7 @@ def test_anil_head_on_a_trained_body(folder_dataset, tmp_path, capsys):
     from protonets.encoders.checkpoint import read_checkpoint_dir
 
     root = folder_dataset
-    base = [
-        "train", "--dataset", "folder", "--data", root, "--split", root / "train.txt",
-        "--val-split", "none", "--ways", 3, "--shots", 1, "--queries", 2, "--quiet",
-    ]  # fmt: skip
+    base = tiny_run(root)
     code, _, err = _run(capsys, *base, "--episodes", 2, "--output", tmp_path / "body")
     assert code == 0, err
     code, _, err = _run(

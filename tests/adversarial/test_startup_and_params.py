@@ -42,6 +42,8 @@ def _imported(argv: list[str]) -> tuple[int, set[str], str]:
         (["eval", "--help"], 0),
         (["memory", "--help"], 0),
         (["memory", "query", "--help"], 0),
+        (["memory", "calibrate", "--help"], 0),
+        (["memory", "calibrate"], 2),
         (["verify", "--help"], 0),
         (["train", "--help"], 0),
         (["train", "--data", "d", "--output", "o", "--method", "nope"], 2),

@@ -725,7 +725,7 @@ def test_train_command_anil_on_a_frozen_encoder_and_eval_on_its_embeddings(tmp_p
 
     capsys.readouterr()
     assert main([*args[:2], "maml", *args[3:-3], "--output", str(tmp_path / "other"), "--quiet"]) != 0
-    assert "use it with --method siamese or anil" in capsys.readouterr().err
+    assert "use it with --method anil, siamese" in capsys.readouterr().err
     with pytest.raises(UserInputError, match="use --method anil with --freeze-encoder"):
         MetaConfig(method="fomaml", frozen_encoder=True)
     from protonets.eval.meta import MetaEpisodes

@@ -18,11 +18,10 @@ from protonets.encoders import Encoder, create_encoder
 from protonets.encoders.checkpoint import read_checkpoint_dir, save_checkpoint
 from protonets.encoders.errors import UserInputError
 from protonets.heads import create_head
+from protonets.heads.trained import HEAD_FILE, head_tensors
 
 if TYPE_CHECKING:
     from .head import SiameseHead
-
-HEAD_FILE = "head.safetensors"
 
 
 def save_siamese_checkpoint(
@@ -55,11 +54,6 @@ def head_entry(head: SiameseHead, calibration: dict[str, Any] | None = None) -> 
         "threshold": float(head.threshold),
         "calibration": calibration,
     }
-
-
-def head_tensors(head: SiameseHead) -> dict[str, torch.Tensor]:
-    """The head's saved tensors (its learned weights and threshold, not a fitted support set)."""
-    return {k: v for k, v in head.state_dict().items() if k not in ("support", "labels")}
 
 
 def _head_bundle(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:

@@ -17,7 +17,7 @@ from protonets.encoders.errors import UserInputError
 
 from ..episodes import split_episodes
 from ..heads import create_head
-from ..heads.trained import HEAD_FILE, TrainedHead, head_tensors
+from ..heads.trained import HEAD_FILE, TrainedHead, head_tensors, load_head_checkpoint
 from .heads import TRAINED_PRESETS
 from .trainer import ImageEpisodes, ProtoNetMethod, prefixed
 
@@ -69,11 +69,7 @@ class JointHeadMethod(ProtoNetMethod):
         self.data.save_checkpoint(output, best, entries, {HEAD_FILE: head_tensors(self.head)})
 
     def read_best(self, output: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        from protonets.encoders.checkpoint import read_checkpoint_dir
-
-        head = load_file(read_checkpoint_dir(output)["paths"][HEAD_FILE])
+        head = head_tensors(load_head_checkpoint(output, type(self.head)))
         return {**self.data.read_best_model(output), **{f"head.{k}": v for k, v in head.items()}}
 
     def state_manifest(self) -> dict[str, Any]:

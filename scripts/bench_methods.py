@@ -7,14 +7,15 @@ best of 3 (absolute times on a shared 2-core machine are noise; the ratios are t
 1. `FewShotClassifier(head="prototype", metric="cosine")` fit and predict_proba at 10, 100,
    1,000 and 10,000 classes (5 shots, 1280-d random embeddings, 100 queries), and the time
    ratio per 10x classes (goal: at most ~12x).
-2. For each transductive method, episodes/s of `evaluate`'s batched `episode_logits` and of
-   easyfsl's implementation called once per task, on the same embeddings and episodes. For a fair
+2. For each transductive method, episodes/s of our batched `episode_logits`, in the chunks of
+   episodes `protonets eval` uses (the head's memory budget), and of easyfsl's implementation
+   called once per task, on the same gathered embeddings and episodes. For a fair
    count of work, ours runs with easyfsl's iteration counts where the two differ (TIM: 50 steps,
    PT-MAP: 10); "ours, defaults" is the paper's settings. easyfsl comes from a folder on
    sys.path (`pip install --no-deps --target /tmp/easyfsl easyfsl`, leaving this venv's torch
    alone); without it that column is skipped with the reason.
 
-    python scripts/bench_methods.py --episodes 200 --easyfsl-episodes 20
+    python scripts/bench_methods.py --episodes 600 --easyfsl-episodes 50
 """
 
 from __future__ import annotations
@@ -114,7 +115,6 @@ def transductive(args: argparse.Namespace) -> list[dict[str, Any]]:
     methods, reason = load_easyfsl(args.easyfsl)
     if methods is None:
         print(f"easyfsl column skipped: {reason}")
-    n = args.ways
     rows = []
     for name, (same_work, easy_name, easy_args) in EASYFSL.items():
         if args.methods and name not in args.methods:
@@ -122,14 +122,24 @@ def transductive(args: argparse.Namespace) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"method": name}
         for column, options in (("ours_eps", same_work), ("ours_default_eps", {})):
             head = create_head(name, **options)
-            with torch.no_grad():
-                head.episode_logits(support[:2], s_labels[:2], query[:2], n)  # warm-up
-                seconds = best_time(lambda: head.episode_logits(support, s_labels, query, n), 3)  # noqa: B023
-                logits = head.episode_logits(support, s_labels, query, n)
-                row[column] = len(episodes) / seconds
+            size = head.episode_bytes(args.ways, args.shots, args.queries, args.dim)
+            chunk = max(1, head.memory_budget // size)
+
+            def run(head=head, chunk=chunk) -> torch.Tensor:  # noqa: ANN001
+                parts = []
+                with torch.no_grad():
+                    for i in range(0, len(support), chunk):
+                        part = slice(i, i + chunk)
+                        logits = head.episode_logits(support[part], s_labels[part], query[part], args.ways)
+                        parts.append(logits)
+                return torch.cat(parts)
+
+            run()  # warm-up
+            row[column] = len(episodes) / best_time(run, 3)
             if column == "ours_eps":
-                correct = (logits.argmax(-1) == q_labels).double().mean(1)
+                correct = (run().argmax(-1) == q_labels).double().mean(1).numpy()
                 row["ours_acc"] = float(correct.mean())
+                row["chunk"] = chunk
         if methods is not None and easy_name is not None:
             count = min(args.easyfsl_episodes, len(episodes))
             model = getattr(methods, easy_name)(**easy_args)
@@ -155,7 +165,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument(
-        "--easyfsl-episodes", type=int, default=20, help="easyfsl's per-task loop is timed on these"
+        "--easyfsl-episodes", type=int, default=50, help="easyfsl's per-task loop is timed on these"
     )
     parser.add_argument("--easyfsl", default="/tmp/easyfsl", help="folder holding the easyfsl package")
     parser.add_argument("--methods", nargs="*", default=None, help="only these transductive methods")

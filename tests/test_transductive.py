@@ -136,13 +136,52 @@ def test_alpha_tim_picks_the_papers_alpha_by_shots():
         create_head("alpha-tim", alpha=1.0)
 
 
-def test_pt_map_plans_have_balanced_columns():
-    from protonets.heads.pt_map import sinkhorn
+def _sinkhorn_knopp(cost, lam, iterations=20000):
+    """The plain Sinkhorn–Knopp loop, in float64, run far past convergence: the reference plan."""
+    plan = torch.exp(-lam * cost.double())
+    for _ in range(iterations):
+        plan = plan / plan.sum(-1, keepdim=True)
+        plan = plan * (cost.shape[-2] / cost.shape[-1]) / plan.sum(-2, keepdim=True)
+    return plan
 
-    cost = torch.rand(3, 12, 4)
-    plan = sinkhorn(cost, lam=10.0)
-    torch.testing.assert_close(plan.sum(-1), torch.ones(3, 12), atol=1e-4, rtol=0)
-    torch.testing.assert_close(plan.sum(-2), torch.full((3, 4), 3.0), atol=1e-4, rtol=0)
+
+@pytest.mark.parametrize("lam", [1.0, 10.0, 40.0])
+def test_pt_map_transport_is_the_sinkhorn_projection(lam):
+    from protonets.heads.pt_map import balanced_transport
+
+    g = torch.Generator().manual_seed(1)
+    cost = torch.rand(4, 13, 4, generator=g)  # 13 queries, 4 classes: 3.25 per class
+    cost[0, :, 0] += 0.5  # one class far from every query: a slow case for Sinkhorn–Knopp
+    plan, scalings = balanced_transport(cost, lam=lam)
+    assert plan.dtype == torch.float32 and scalings.shape == (4, 4)
+    torch.testing.assert_close(plan.sum(-1), torch.ones(4, 13), atol=1e-5, rtol=0)
+    torch.testing.assert_close(plan.sum(-2), torch.full((4, 4), 3.25), atol=1e-5, rtol=0)
+    torch.testing.assert_close(plan.double(), _sinkhorn_knopp(cost, lam), atol=1e-5, rtol=1e-4)
+    # started from its own answer, a nearby problem lands on its own projection
+    nearby = cost + 0.01 * torch.rand(cost.shape, generator=g)
+    warm, _ = balanced_transport(nearby, lam=lam, log_scalings=scalings)
+    torch.testing.assert_close(warm.double(), _sinkhorn_knopp(nearby, lam), atol=1e-5, rtol=1e-4)
+
+
+def test_knn_graph_marks_each_querys_nearest_neighbours():
+    from protonets.heads.laplacianshot import knn_graph
+
+    x = torch.randn(3, 9, 5, generator=torch.Generator().manual_seed(2))
+    graph = knn_graph(x, 3)
+    assert graph.shape == (3, 9, 9) and (graph.sum(-1) == 3).all()
+    assert (graph.diagonal(dim1=1, dim2=2) == 0).all()
+    for e in range(3):
+        dist = torch.cdist(x[e], x[e]) + torch.diag(torch.full((9,), float("inf")))
+        expected = torch.zeros(9, 9).scatter_(1, dist.topk(3, largest=False).indices, 1.0)
+        torch.testing.assert_close(graph[e], expected)
+
+
+def test_class_softmax_and_logsumexp_match_torch():
+    from protonets.heads.transductive import class_logsumexp, class_softmax
+
+    logits = 30 * torch.randn(4, 7, 5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(class_softmax(logits), logits.softmax(-1))
+    torch.testing.assert_close(class_logsumexp(logits), torch.logsumexp(logits, -1))
 
 
 def test_compute_prototypes_by_scatter_matches_class_means_and_keeps_dtype():

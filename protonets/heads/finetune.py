@@ -13,8 +13,16 @@ import torch.nn.functional as F
 
 from .base import SupportSetHead
 from .prototype import compute_prototypes
-from .transductive import adam_steps
-from .transductive_finetune import check_finetune_options, distance_logits
+from .transductive import adam_on_centres
+from .transductive_finetune import check_finetune_options, distance_logits, distance_logits_from
+
+
+def cosine_logits_from(
+    cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """temperature · cos(x, p) from x·pᵀ `[E, M, N]`, ‖p‖² `[E, 1, N]` and ‖x‖² `[E, M, 1]`,
+    with F.normalize's floor on the norms."""
+    return temperature * cross / (point_sq.sqrt().clamp_min(1e-12) * centre_sq.sqrt().clamp_min(1e-12))
 
 
 def cosine_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -37,6 +45,7 @@ class FinetuneHead(SupportSetHead):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
         self.steps, self.lr, self.temperature, self.metric = int(steps), float(lr), float(temperature), metric
         self.logits = cosine_logits if metric == "cosine" else distance_logits
+        self.logits_from = cosine_logits_from if metric == "cosine" else distance_logits_from
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"steps": self.steps, "lr": self.lr, "temperature": self.temperature, "metric": self.metric}
@@ -53,11 +62,12 @@ class FinetuneHead(SupportSetHead):
                 f"{tuple(labels.shape)}, {tuple(query.shape)}"
             )
 
-        def loss(p: torch.Tensor) -> torch.Tensor:
-            ce = -self.logits(s, p, self.temperature).log_softmax(-1).gather(-1, y.unsqueeze(-1))
+        def loss(cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor) -> torch.Tensor:
+            logits = self.logits_from(cross, centre_sq, point_sq, self.temperature)
+            ce = -logits.log_softmax(-1).gather(-1, y.unsqueeze(-1))
             return ce.squeeze(-1).mean(-1).sum()  # per-episode means, summed: episodes independent
 
         with torch.inference_mode(False):
-            s, y = support.float().clone(), labels.to(torch.int64).clone()
-            prototypes = adam_steps(loss, compute_prototypes(s, y, n_way), self.steps, self.lr)
+            s, y = support.float(), labels.to(torch.int64).clone()  # y is saved for backward
+            prototypes = adam_on_centres(loss, s, compute_prototypes(s, y, n_way), self.steps, self.lr)
         return self.logits(query.float(), prototypes, self.temperature)

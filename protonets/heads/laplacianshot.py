@@ -10,15 +10,16 @@ import torch
 
 from .bd_cspn import rectify
 from .prototype import FEATURE_TRANSFORMS, transform_episode
-from .transductive import TransductiveHead
+from .transductive import TransductiveHead, class_softmax
 
 
 def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
     """Affinities `[E, Q, Q]`: W[i, j] = 1 if j is among the k nearest neighbours of i (not i)."""
-    dist = torch.cdist(x, x)
-    dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    near = dist.topk(min(k, x.shape[-2] - 1), dim=-1, largest=False).indices
-    return torch.zeros_like(dist).scatter_(-1, near, 1.0)
+    # neighbours of i ranked by ‖x_j‖² − 2 x_i·x_j: ‖x_i − x_j‖² less ‖x_i‖², which a row shares
+    rank = (x @ x.transpose(-1, -2)).mul_(-2).add_(x.pow(2).sum(-1).unsqueeze(-2))
+    rank.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    near = rank.topk(min(k, x.shape[-2] - 1), dim=-1, largest=False).indices
+    return torch.zeros_like(rank).scatter_(-1, near, 1.0)
 
 
 class LaplacianShotHead(TransductiveHead):
@@ -68,21 +69,20 @@ class LaplacianShotHead(TransductiveHead):
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
         s, q = transform_episode(support, query, self.feature_transform)
-        prototypes, q = rectify(s, labels, q, n_way, self.scale)
-        a = torch.cdist(q, prototypes).pow(2)  # [E, Q, N]
-        kernel = knn_graph(q, self.knn)
+        prototypes, queries = rectify(s, labels, q, n_way, self.scale)
+        a = queries.squared_distances(prototypes)  # [E, Q, N]
+        kernel = knn_graph(q, self.knn)  # the shift moves every query alike: same neighbours
         logits = -a
-        y = logits.softmax(-1)
+        neighbours_y = kernel @ class_softmax(logits)  # Σ of the neighbours' assignments
         old = torch.full(a.shape[:1], float("inf"), dtype=a.dtype, device=a.device)
         active = torch.ones(a.shape[:1], dtype=torch.bool, device=a.device)
         for i in range(self.steps):
-            new_logits = -a + self.lam * (kernel @ y)
-            new_y = new_logits.softmax(-1)
-            bound = (new_y * torch.log(new_y + 1e-12) + a * new_y - self.lam * (kernel @ new_y) * new_y).sum(
-                (1, 2)
-            )
-            keep = active.view(-1, 1, 1)
-            logits, y = torch.where(keep, new_logits, logits), torch.where(keep, new_y, y)
+            new_logits = self.lam * neighbours_y - a
+            new_y = class_softmax(new_logits)
+            neighbours_y = kernel @ new_y  # the bound's, and the next update's
+            bound = (new_y * (torch.log(new_y + 1e-12) + a - self.lam * neighbours_y)).sum((1, 2))
+            keep = active.view(-1, 1, 1)  # stopped episodes keep their last update
+            logits = torch.where(keep, new_logits, logits)
             still = (bound - old).abs() <= 1e-6 * old.abs()
             if i > 1:
                 active = active & ~still

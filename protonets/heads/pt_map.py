@@ -1,52 +1,99 @@
 """PT-MAP head (Hu et al. 2021): power-transformed features, queries assigned to classes by
-Sinkhorn optimal transport with *balanced* class marginals, prototypes moved toward the
-assignment-weighted means. Assumes every class has the same number of queries."""
+optimal transport with *balanced* class marginals (the Sinkhorn projection), prototypes moved
+toward the assignment-weighted means. Assumes every class has the same number of queries."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .prototype import compute_prototypes
-from .transductive import TransductiveHead, one_hot
+from .transductive import TransductiveHead, class_logsumexp, one_hot
 
 
 def power_features(x: torch.Tensor, power: float) -> torch.Tensor:
     """sign(x)·(|x| + 1e-6)^power (the paper's transform for non-negative features), then L2."""
-    return F.normalize(x.sign() * (x.abs() + 1e-6).pow(power), dim=-1)
+    y = x.abs().add_(1e-6).pow_(power).mul_(x.sign())
+    return y.div_(torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 def center_normalize(x: torch.Tensor) -> torch.Tensor:
     """Subtract the set's own mean, then L2 (the paper centres support and queries separately)."""
-    return F.normalize(x - x.mean(-2, keepdim=True), dim=-1)
+    y = x - x.mean(-2, keepdim=True)
+    return y.div_(torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
-def sinkhorn(cost: torch.Tensor, lam: float, eps: float = 1e-6, max_iter: int = 1000) -> torch.Tensor:
-    """Transport plans `[E, Q, N]`: rows sum to 1, columns to Q/N; each episode stops when its
-    row sums move less than `eps` (as the paper's loop, per episode). Converged episodes leave
-    the batch, so the many that converge in a few iterations do not wait for the slowest."""
-    q, n = cost.shape[-2:]
-    plan = torch.exp(-lam * cost)
-    plan = plan / plan.sum((-2, -1), keepdim=True)
-    active = torch.arange(plan.shape[0], device=plan.device)  # episodes still iterating
-    current = plan  # their plans
-    rows_before = torch.zeros(cost.shape[:-1], dtype=cost.dtype, device=cost.device)
+def dual_value(logk: torch.Tensor, g: torch.Tensor, target: float) -> torch.Tensor:
+    """The transport dual `[E]` at log column scalings g `[E, N]`, rows normalised exactly."""
+    return target * g.sum(-1) - class_logsumexp(logk + g.unsqueeze(-2)).sum(-1)
+
+
+def balanced_transport(
+    cost: torch.Tensor,
+    lam: float,
+    log_scalings: torch.Tensor | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Sinkhorn projection of exp(−lam·cost) `[E, Q, N]`: rows sum to 1, columns to Q/N.
+
+    Returns (plan `[E, Q, N]`, log column scalings `[E, N]`; pass them back as `log_scalings`
+    to start the next, nearby problem from this one's answer).
+
+    Solved by Newton's method on the dual (the log column scalings g, rows normalised exactly):
+    the same fixed point as the Sinkhorn–Knopp loop, in a handful of iterations where
+    Sinkhorn–Knopp can take hundreds. An episode stops when every column sum is within `tol`
+    of Q/N; stopped episodes leave the batch. Float64 inside, the input's dtype out.
+    """
+    logk = (-lam * cost).double()
+    episodes, queries, ways = logk.shape
+    target = queries / ways
+    g = logk.new_zeros(episodes, ways) if log_scalings is None else log_scalings.double().clone()
+    plan = torch.empty_like(logk)
+    active = torch.arange(episodes, device=logk.device)
+    ridge = target / ways * logk.new_ones(ways, ways)  # M + ridge is invertible; M·1 = 0 ⟂ r
     for _ in range(max_iter):
-        rows = current.sum(-1)
-        done = ~((rows_before - rows).abs().amax(-1) > eps)  # NaN counts as done, as before
+        lk, ga = logk[active], g[active]
+        z = lk + ga.unsqueeze(-2)
+        lse = class_logsumexp(z)  # [A, Q]
+        p = (z - lse.unsqueeze(-1)).exp()  # rows sum to 1
+        cols = p.sum(-2)
+        residual = target - cols  # the dual's gradient
+        done = residual.abs().amax(-1) <= tol
         if done.any():
-            plan[active[done]] = current[done]
+            plan[active[done]] = p[done]
             keep = ~done
-            active, current, rows = active[keep], current[keep], rows[keep]
+            active, lk, ga, lse, p, cols, residual = (
+                t[keep] for t in (active, lk, ga, lse, p, cols, residual)
+            )
             if not len(active):
-                return plan
-        rows_before = rows
-        current = current / (rows.unsqueeze(-1) + 1e-10)
-        current = current * ((q / n) / (current.sum(-2, keepdim=True) + 1e-10))
-    plan[active] = current
-    return plan
+                break
+        hessian = torch.diag_embed(cols) - p.transpose(-1, -2) @ p + ridge  # −∇² of the dual
+        direction = torch.linalg.solve(hessian, residual)
+        value = target * ga.sum(-1) - lse.sum(-1)
+        slope = (residual * direction).sum(-1)
+        # backtracking (Armijo) line search; the full step, tried on all at once, nearly always passes
+        step = torch.ones_like(value)
+        floor = value + 1e-4 * slope - 1e-12 * value.abs()  # the full step's required value
+        todo = torch.nonzero(dual_value(lk, ga + direction, target) < floor).flatten()
+        for _ in range(40):
+            if not len(todo):
+                break
+            step[todo] /= 2
+            trial = ga[todo] + step[todo, None] * direction[todo]
+            required = value[todo] + 1e-4 * step[todo] * slope[todo] - 1e-12 * value[todo].abs()
+            todo = todo[dual_value(lk[todo], trial, target) < required]
+        step[todo] = 0  # no ascent left at float64 precision: these stop where they are
+        g[active] = ga + step.unsqueeze(-1) * direction
+        if len(todo):
+            plan[active[todo]] = p[todo]
+            active = active[step > 0]
+            if not len(active):
+                break
+    else:
+        lk, ga = logk[active], g[active]
+        plan[active] = (lk + ga.unsqueeze(-2)).softmax(-1)
+    return plan.to(cost.dtype), g
 
 
 class PTMAPHead(TransductiveHead):
@@ -79,13 +126,29 @@ class PTMAPHead(TransductiveHead):
     ) -> torch.Tensor:
         s = center_normalize(power_features(support, self.power))
         q = center_normalize(power_features(query, self.power))
-        x = torch.cat([s, q], -2)
-        support_assign = one_hot(labels, n_way, s.dtype)
-        prototypes = compute_prototypes(s, labels, n_way)
+        episodes, queries = q.shape[:2]
+        support_assign = one_hot(labels, n_way, s.dtype).transpose(-1, -2)  # [E, N, S]
+        counts = support_assign.sum(-1, keepdim=True)  # [E, N, 1]
+        # The prototypes stay in the span of the support class sums and the queries, so they are
+        # kept as coefficients [E, N, N+Q] over basis = [class sums; queries], and distances
+        # come from the basis' Gram matrix, computed once: no pass over the features per step.
+        basis = torch.cat([support_assign @ s, q], -2)  # [E, N+Q, D]
+        gram = basis @ basis.transpose(-1, -2)
+        query_gram = gram[:, n_way:]  # q·basis, [E, Q, N+Q]
+        q_sq = query_gram[..., n_way:].diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # ‖q‖², [E, Q, 1]
+
+        def distances(coef: torch.Tensor) -> torch.Tensor:  # ‖q − p‖², [E, Q, N]
+            p_sq = ((coef @ gram) * coef).sum(-1).unsqueeze(-2)
+            return (q_sq - 2 * query_gram @ coef.transpose(-1, -2) + p_sq).clamp_min(0)
+
+        eye = torch.eye(n_way, dtype=s.dtype, device=s.device).expand(episodes, -1, -1)
+        coef = torch.cat([eye / counts, eye.new_zeros(episodes, n_way, queries)], -1)  # class means
+        scalings = None  # each transport starts from the previous one's answer
         for _ in range(self.steps):
-            plan = sinkhorn(torch.cdist(q, prototypes).pow(2), self.lam)
-            assign = torch.cat([support_assign, plan], -2)  # [E, S+Q, N]
-            means = assign.transpose(-1, -2) @ x / assign.sum(-2).unsqueeze(-1)
-            prototypes = prototypes + self.lr * (means - prototypes)
-        plan = sinkhorn(torch.cdist(q, prototypes).pow(2), self.lam)
+            plan, scalings = balanced_transport(distances(coef), self.lam, scalings)
+            # assignment-weighted means of the support (hard labels) and the queries (the plan)
+            plan_t = plan.transpose(-1, -2)
+            means = torch.cat([eye, plan_t], -1) / (counts + plan_t.sum(-1, keepdim=True))
+            coef = coef + self.lr * (means - coef)
+        plan, _ = balanced_transport(distances(coef), self.lam, scalings)
         return torch.log(plan.clamp_min(1e-30))

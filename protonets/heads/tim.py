@@ -10,15 +10,24 @@ import torch
 import torch.nn.functional as F
 
 from .prototype import compute_prototypes
-from .transductive import TransductiveHead, adam_steps, entropy, one_hot
+from .transductive import TransductiveHead, adam_on_centres, entropy, one_hot
+
+
+def tim_logits_from(
+    cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """−temperature/2 · ‖x − w‖², written as the paper's linear head, from x·wᵀ `[E, M, N]`,
+    ‖w‖² `[E, 1, N]` and ‖x‖² `[E, M, 1]`."""
+    return temperature * (cross - 0.5 * centre_sq - 0.5 * point_sq)
 
 
 def tim_logits(x: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
-    """−temperature/2 · ‖x − w‖², written as the paper's linear head: `[E, M, D]`, `[E, N, D]`."""
-    return temperature * (
-        x @ weights.transpose(-1, -2)
-        - 0.5 * weights.pow(2).sum(-1).unsqueeze(-2)
-        - 0.5 * x.pow(2).sum(-1, keepdim=True)
+    """`tim_logits_from` of points `[E, M, D]` and weights `[E, N, D]`."""
+    return tim_logits_from(
+        x @ weights.transpose(-1, -2),
+        weights.pow(2).sum(-1).unsqueeze(-2),
+        x.pow(2).sum(-1, keepdim=True),
+        temperature,
     )
 
 
@@ -84,13 +93,13 @@ class TIMHead(TransductiveHead):
         onehot = one_hot(labels, n_way, s.dtype)
         shots = int(onehot[0].sum(0).min())
 
-        def loss(w: torch.Tensor) -> torch.Tensor:
-            terms = self.information_terms(
-                tim_logits(s, w, self.temperature), onehot, tim_logits(q, w, self.temperature), shots
-            )
-            return terms.sum()
+        def loss(cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor) -> torch.Tensor:
+            logits = tim_logits_from(cross, centre_sq, point_sq, self.temperature)
+            support_logits, query_logits = logits.split([s.shape[-2], q.shape[-2]], -2)
+            return self.information_terms(support_logits, onehot, query_logits, shots).sum()
 
         with torch.inference_mode(False):
-            s, q, onehot = s.clone(), q.clone(), onehot.clone()
-            weights = adam_steps(loss, compute_prototypes(s, labels, n_way), self.steps, self.lr)
-            return tim_logits(q, weights, self.temperature)
+            onehot = onehot.clone()  # saved for backward: not an inference tensor
+            init = compute_prototypes(s, labels, n_way)
+            weights = adam_on_centres(loss, torch.cat([s, q], -2), init, self.steps, self.lr)
+        return tim_logits(q, weights, self.temperature)

@@ -8,17 +8,25 @@ from typing import Any
 import torch
 
 from .prototype import compute_prototypes
-from .transductive import TransductiveHead, adam_steps, entropy
+from .transductive import TransductiveHead, adam_on_centres, entropy
+
+
+def distance_logits_from(
+    cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """−temperature · ‖x − p‖ (Euclidean distance, not squared) from x·pᵀ `[E, M, N]`,
+    ‖p‖² `[E, 1, N]` and ‖x‖² `[E, M, 1]`."""
+    return -temperature * (point_sq - 2 * cross + centre_sq).clamp_min(1e-12).sqrt()
 
 
 def distance_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
-    """−temperature · ‖x − p‖ (Euclidean distance, not squared): `[E, M, D]`, `[E, N, D]`."""
-    sq = (
-        x.pow(2).sum(-1, keepdim=True)
-        - 2 * x @ prototypes.transpose(-1, -2)
-        + prototypes.pow(2).sum(-1).unsqueeze(-2)
+    """`distance_logits_from` of points `[E, M, D]` and prototypes `[E, N, D]`."""
+    return distance_logits_from(
+        x @ prototypes.transpose(-1, -2),
+        prototypes.pow(2).sum(-1).unsqueeze(-2),
+        x.pow(2).sum(-1, keepdim=True),
+        temperature,
     )
-    return -temperature * sq.clamp_min(1e-12).sqrt()
 
 
 def check_finetune_options(steps: int, lr: float, temperature: float) -> None:
@@ -54,12 +62,16 @@ class TransductiveFinetuneHead(TransductiveHead):
     def transduce(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
-        def loss(p: torch.Tensor) -> torch.Tensor:
-            ce = -distance_logits(s, p, self.temperature).log_softmax(-1).gather(-1, y.unsqueeze(-1))
-            ent = entropy(distance_logits(q, p, self.temperature).softmax(-1))
+        def loss(cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor) -> torch.Tensor:
+            logits = distance_logits_from(cross, centre_sq, point_sq, self.temperature)
+            support_logits, query_logits = logits.split([support.shape[-2], query.shape[-2]], -2)
+            ce = -support_logits.log_softmax(-1).gather(-1, y.unsqueeze(-1))
+            ent = entropy(query_logits.softmax(-1))
             return ce.squeeze(-1).mean(-1).sum() + ent.mean(-1).sum()
 
         with torch.inference_mode(False):
-            s, y, q = support.clone(), labels.clone(), query.clone()
-            prototypes = adam_steps(loss, compute_prototypes(s, y, n_way), self.steps, self.lr)
-            return distance_logits(q, prototypes, self.temperature)
+            y = labels.clone()  # saved for backward: not an inference tensor
+            init = compute_prototypes(support, labels, n_way)
+            points = torch.cat([support, query], -2)
+            prototypes = adam_on_centres(loss, points, init, self.steps, self.lr)
+        return distance_logits(query, prototypes, self.temperature)

@@ -163,6 +163,17 @@ def test_pt_map_transport_is_the_sinkhorn_projection(lam):
     torch.testing.assert_close(warm.double(), _sinkhorn_knopp(nearby, lam), atol=1e-5, rtol=1e-4)
 
 
+def test_pt_map_transport_gives_a_far_class_its_share():
+    """A class far from every query (its column's mass underflows at first) still gets Q/N."""
+    from protonets.heads.pt_map import balanced_transport
+
+    cost = torch.rand(2, 12, 4, generator=torch.Generator().manual_seed(5))
+    cost[0, :, 0] += 10.0  # exp(-100): no curvature for Newton's step at the start
+    plan, _ = balanced_transport(cost, lam=10.0)
+    torch.testing.assert_close(plan.sum(-2), torch.full((2, 4), 3.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(plan.double(), _sinkhorn_knopp(cost, 10.0), atol=1e-5, rtol=1e-4)
+
+
 def test_knn_graph_marks_each_querys_nearest_neighbours():
     from protonets.heads.laplacianshot import knn_graph
 

@@ -23,6 +23,9 @@ def center_normalize(x: torch.Tensor) -> torch.Tensor:
     return y.div_(torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
+MAX_LOG_STEP = 50.0  # the largest change of a log column scaling in one Newton iteration
+
+
 def dual_value(logk: torch.Tensor, g: torch.Tensor, target: float) -> torch.Tensor:
     """The transport dual `[E]` at log column scalings g `[E, N]`, rows normalised exactly."""
     return target * g.sum(-1) - class_logsumexp(logk + g.unsqueeze(-2)).sum(-1)
@@ -51,7 +54,9 @@ def balanced_transport(
     g = logk.new_zeros(episodes, ways) if log_scalings is None else log_scalings.double().clone()
     plan = torch.empty_like(logk)
     active = torch.arange(episodes, device=logk.device)
-    ridge = target / ways * logk.new_ones(ways, ways)  # M + ridge is invertible; M·1 = 0 ⟂ r
+    # M·1 = 0 and r ⟂ 1, so M + ridge has the same Newton step and is invertible; the small
+    # diagonal keeps it so when a column's mass underflows (a class far from every query)
+    ridge = target / ways * logk.new_ones(ways, ways) + 1e-9 * target * torch.eye(ways, dtype=logk.dtype)
     for _ in range(max_iter):
         lk, ga = logk[active], g[active]
         z = lk + ga.unsqueeze(-2)
@@ -70,6 +75,9 @@ def balanced_transport(
                 break
         hessian = torch.diag_embed(cols) - p.transpose(-1, -2) @ p + ridge  # −∇² of the dual
         direction = torch.linalg.solve(hessian, residual)
+        # at most MAX_LOG_STEP per scaling and iteration: a column with next to no mass (no
+        # curvature) climbs in strides instead of one step the line search cannot shorten enough
+        direction = direction * (MAX_LOG_STEP / direction.abs().amax(-1, keepdim=True)).clamp(max=1.0)
         value = target * ga.sum(-1) - lse.sum(-1)
         slope = (residual * direction).sum(-1)
         # backtracking (Armijo) line search; the full step, tried on all at once, nearly always passes

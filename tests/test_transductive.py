@@ -174,6 +174,31 @@ def test_pt_map_transport_gives_a_far_class_its_share():
     torch.testing.assert_close(plan.double(), _sinkhorn_knopp(cost, 10.0), atol=1e-5, rtol=1e-4)
 
 
+def test_pt_map_episode_with_a_class_left_out_of_the_support_stays_finite():
+    g = torch.Generator().manual_seed(6)
+    support, query = torch.rand(2, 4, 8, generator=g), torch.rand(2, 9, 8, generator=g)
+    labels = torch.tensor([[0, 0, 2, 2], [0, 1, 2, 2]])  # episode 0 has no example of class 1
+    with torch.no_grad():
+        logits = create_head("pt-map").episode_logits(support, labels, query, 3)
+    assert torch.isfinite(logits).all()
+
+
+def test_pt_map_transport_lets_a_broken_episode_go(monkeypatch):
+    """A NaN cost ends its own episode at once (NaN plan), not after every iteration allowed,
+    and leaves the others exact."""
+    from protonets.heads.pt_map import balanced_transport
+
+    solves = []
+    solve = torch.linalg.solve
+    monkeypatch.setattr(torch.linalg, "solve", lambda a, b: solves.append(len(a)) or solve(a, b))
+    cost = torch.rand(3, 10, 5, generator=torch.Generator().manual_seed(7))
+    cost[1, 4, 2] = float("nan")
+    plan, _ = balanced_transport(cost, lam=10.0, max_iter=100)
+    assert plan[1].isnan().any() and not plan[[0, 2]].isnan().any()
+    torch.testing.assert_close(plan[[0, 2]].sum(-2), torch.full((2, 5), 2.0), atol=1e-5, rtol=0)
+    assert solves and max(solves) == 2 and len(solves) < 30, solves  # the NaN episode never iterated
+
+
 def test_knn_graph_marks_each_querys_nearest_neighbours():
     from protonets.heads.laplacianshot import knn_graph
 

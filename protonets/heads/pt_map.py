@@ -56,7 +56,8 @@ def balanced_transport(
     active = torch.arange(episodes, device=logk.device)
     # M·1 = 0 and r ⟂ 1, so M + ridge has the same Newton step and is invertible; the small
     # diagonal keeps it so when a column's mass underflows (a class far from every query)
-    ridge = target / ways * logk.new_ones(ways, ways) + 1e-9 * target * torch.eye(ways, dtype=logk.dtype)
+    eye = torch.eye(ways, dtype=logk.dtype, device=logk.device)
+    ridge = target / ways * logk.new_ones(ways, ways) + 1e-9 * target * eye
     for _ in range(max_iter):
         lk, ga = logk[active], g[active]
         z = lk + ga.unsqueeze(-2)
@@ -64,7 +65,7 @@ def balanced_transport(
         p = (z - lse.unsqueeze(-1)).exp()  # rows sum to 1
         cols = p.sum(-2)
         residual = target - cols  # the dual's gradient
-        done = residual.abs().amax(-1) <= tol
+        done = ~(residual.abs().amax(-1) > tol)  # NaN (a broken episode) counts as done
         if done.any():
             plan[active[done]] = p[done]
             keep = ~done
@@ -150,7 +151,8 @@ class PTMAPHead(TransductiveHead):
             return (q_sq - 2 * query_gram @ coef.transpose(-1, -2) + p_sq).clamp_min(0)
 
         eye = torch.eye(n_way, dtype=s.dtype, device=s.device).expand(episodes, -1, -1)
-        coef = torch.cat([eye / counts, eye.new_zeros(episodes, n_way, queries)], -1)  # class means
+        # the support class means (a class without support examples starts at zero)
+        coef = torch.cat([eye / counts.clamp_min(1), eye.new_zeros(episodes, n_way, queries)], -1)
         scalings = None  # each transport starts from the previous one's answer
         for _ in range(self.steps):
             plan, scalings = balanced_transport(distances(coef), self.lam, scalings)

@@ -11,7 +11,12 @@ import pytest
 from tests.conftest import REPO, require_data
 
 CHECKPOINTS = REPO / "checkpoints"
-COMMITTED = ["protonet-conv4-omniglot", "siamese-conv4-omniglot", "maml-conv4-omniglot-scratch-cpu"]
+COMMITTED = [
+    "protonet-conv4-omniglot",
+    "protonet-conv4-omniglot-1shot-trainval",
+    "siamese-conv4-omniglot",
+    "maml-conv4-omniglot-scratch-cpu",
+]
 
 
 @pytest.mark.parametrize("name", COMMITTED)

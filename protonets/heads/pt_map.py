@@ -46,7 +46,9 @@ def balanced_transport(
     Solved by Newton's method on the dual (the log column scalings g, rows normalised exactly):
     the same fixed point as the Sinkhorn–Knopp loop, in a handful of iterations where
     Sinkhorn–Knopp can take hundreds. An episode stops when every column sum is within `tol`
-    of Q/N; stopped episodes leave the batch. Float64 inside, the input's dtype out.
+    of Q/N (a NaN cost stops it at once, its plan NaN); stopped episodes leave the batch, and
+    any left after `max_iter` iterations return their row-normalised plans. Float64 inside,
+    the input's dtype out.
     """
     logk = (-lam * cost).double()
     episodes, queries, ways = logk.shape

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .prototype import FEATURE_TRANSFORMS, compute_prototypes, transform_episode
+from .prototype import FEATURE_TRANSFORMS, compute_prototypes, squared_distances_from, transform_episode
 from .transductive import TransductiveHead, one_hot
 
 
@@ -34,8 +34,8 @@ class ShiftedQueries:
 
     def squared_distances(self, centres: torch.Tensor) -> torch.Tensor:
         """‖q + shift − c‖², `[E, Q, N]`."""
-        sq = self.norm.square().unsqueeze(-1) - 2 * self.dot(centres) + centres.pow(2).sum(-1).unsqueeze(-2)
-        return sq.clamp_min(0)
+        centre_sq = centres.pow(2).sum(-1).unsqueeze(-2)
+        return squared_distances_from(self.dot(centres), centre_sq, self.norm.square().unsqueeze(-1))
 
     def weighted_sums(self, weights: torch.Tensor) -> torch.Tensor:
         """Σ_q w_qn (q + shift), `[E, N, D]`, for weights `[E, Q, N]`."""

@@ -57,6 +57,14 @@ def compute_prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) 
     return means.reshape(*support.shape[:-2], n_way, dim)
 
 
+def squared_distances_from(
+    cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor
+) -> torch.Tensor:
+    """‖x − c‖² `[..., M, N]` from x·cᵀ `[..., M, N]`, ‖c‖² `[..., 1, N]` and ‖x‖² `[..., M, 1]`,
+    floored at 0 (the expansion can round below it)."""
+    return (point_sq - 2 * cross + centre_sq).clamp_min(0)
+
+
 def prototype_logits(
     query: torch.Tensor, prototypes: torch.Tensor, metric: str = "euclidean", scale: float = 10.0
 ) -> torch.Tensor:
@@ -64,7 +72,7 @@ def prototype_logits(
     if metric == "euclidean":
         q2 = query.pow(2).sum(-1, keepdim=True)
         p2 = prototypes.pow(2).sum(-1).unsqueeze(-2)
-        return -(q2 - 2 * query @ prototypes.transpose(-1, -2) + p2).clamp_min(0)
+        return -squared_distances_from(query @ prototypes.transpose(-1, -2), p2, q2)
     if metric == "cosine":
         q = F.normalize(query, dim=-1)
         p = F.normalize(prototypes, dim=-1)

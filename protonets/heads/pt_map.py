@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .prototype import squared_distances_from
 from .transductive import TransductiveHead, class_logsumexp, one_hot
 
 
@@ -150,7 +151,7 @@ class PTMAPHead(TransductiveHead):
 
         def distances(coef: torch.Tensor) -> torch.Tensor:  # ‖q − p‖², [E, Q, N]
             p_sq = ((coef @ gram) * coef).sum(-1).unsqueeze(-2)
-            return (q_sq - 2 * query_gram @ coef.transpose(-1, -2) + p_sq).clamp_min(0)
+            return squared_distances_from(query_gram @ coef.transpose(-1, -2), p_sq, q_sq)
 
         eye = torch.eye(n_way, dtype=s.dtype, device=s.device).expand(episodes, -1, -1)
         # the support class means (a class without support examples starts at zero)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .prototype import compute_prototypes
+from .prototype import compute_prototypes, squared_distances_from
 from .transductive import TransductiveHead, adam_on_centres, entropy
 
 
@@ -16,7 +16,7 @@ def distance_logits_from(
 ) -> torch.Tensor:
     """−temperature · ‖x − p‖ (Euclidean distance, not squared) from x·pᵀ `[E, M, N]`,
     ‖p‖² `[E, 1, N]` and ‖x‖² `[E, M, 1]`."""
-    return -temperature * (point_sq - 2 * cross + centre_sq).clamp_min(1e-12).sqrt()
+    return -temperature * squared_distances_from(cross, centre_sq, point_sq).clamp_min(1e-12).sqrt()
 
 
 def distance_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:

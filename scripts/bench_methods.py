@@ -21,7 +21,6 @@ best of 3 (absolute times on a shared 2-core machine are noise; the ratios are t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from protonets import FewShotClassifier
+from protonets.encoders.atomic import write_json_atomically
 from protonets.episodes import gather_episodes, sample_episodes
 from protonets.heads import create_head
 
@@ -211,8 +211,7 @@ def main() -> None:
             f"{r['method']:>22} {r['ours_eps']:9.1f} {r['ours_default_eps']:14.1f} {easy} {ratio} {acc:>17}"
         )
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomically(args.output, result)
 
 
 if __name__ == "__main__":

@@ -203,13 +203,28 @@ def test_knn_graph_marks_each_querys_nearest_neighbours():
     from protonets.heads.laplacianshot import knn_graph
 
     x = torch.randn(3, 9, 5, generator=torch.Generator().manual_seed(2))
+    for k in (1, 3, 8, 12):  # 12 > Q - 1: every other query
+        graph = knn_graph(x, k)
+        assert graph.shape == (3, 9, 9) and (graph.sum(-1) == min(k, 8)).all()
+        assert (graph.diagonal(dim1=1, dim2=2) == 0).all()
+        for e in range(3):
+            dist = torch.cdist(x[e], x[e]) + torch.diag(torch.full((9,), float("inf")))
+            expected = torch.zeros(9, 9).scatter_(1, dist.topk(min(k, 8), largest=False).indices, 1.0)
+            torch.testing.assert_close(graph[e], expected)
+
+
+def test_knn_graph_gives_exactly_k_neighbours_when_distances_tie():
+    from protonets.heads.laplacianshot import knn_graph
+
+    x = torch.randn(4, 10, 6, generator=torch.Generator().manual_seed(5))
+    x[1, 5] = x[1, 2]  # duplicates tie at every other query's distance
+    x[2, 4:8] = x[2, 0]  # four copies of one point
     graph = knn_graph(x, 3)
-    assert graph.shape == (3, 9, 9) and (graph.sum(-1) == 3).all()
-    assert (graph.diagonal(dim1=1, dim2=2) == 0).all()
-    for e in range(3):
-        dist = torch.cdist(x[e], x[e]) + torch.diag(torch.full((9,), float("inf")))
-        expected = torch.zeros(9, 9).scatter_(1, dist.topk(3, largest=False).indices, 1.0)
-        torch.testing.assert_close(graph[e], expected)
+    assert (graph.sum(-1) == 3).all() and (graph.diagonal(dim1=1, dim2=2) == 0).all()
+    for e in range(4):
+        dist = torch.cdist(x[e], x[e]) + torch.diag(torch.full((10,), float("inf")))
+        chosen = dist.masked_select(graph[e].bool()).view(10, 3).sort(-1).values
+        torch.testing.assert_close(chosen, dist.topk(3, largest=False).values.sort(-1).values)
 
 
 def test_class_softmax_and_logsumexp_match_torch():
@@ -217,6 +232,7 @@ def test_class_softmax_and_logsumexp_match_torch():
 
     logits = 30 * torch.randn(4, 7, 5, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(class_softmax(logits), logits.softmax(-1))
+    torch.testing.assert_close(class_softmax(logits, -2), logits.softmax(-2))
     torch.testing.assert_close(class_logsumexp(logits), torch.logsumexp(logits, -1))
 
 

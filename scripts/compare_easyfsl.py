@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--easyfsl", default="/tmp/easyfsl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=list(PAIRS), default=list(PAIRS))
     args = parser.parse_args()
     sys.path.insert(0, args.easyfsl)
     try:
@@ -95,7 +96,8 @@ def main() -> None:
             "accuracy % (mean ± 95% CI)"
         )
         print(f"{'method':>22} {'easyfsl':>14} {'ours':>14} {'ours, easyfsl settings':>24}")
-        for name, (easy_name, easy_args, matched) in PAIRS.items():
+        for name in args.methods:
+            easy_name, easy_args, matched = PAIRS[name]
             model = getattr(methods, easy_name)(**easy_args)
             easy = []
             with torch.no_grad():

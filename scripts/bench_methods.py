@@ -2,7 +2,9 @@
 each transductive method, batched over episodes, against easyfsl's per-task loop.
 
 Both parts are measured side by side in one run, each side warmed up once and timed as the
-best of 3 (absolute times on a shared 2-core machine are noise; the ratios are the result):
+best of 3 (part 2: of `--rounds`, the sides taking turns, so a change in the shared machine's
+speed falls on both; absolute times on a shared 2-core machine are noise; the ratios are the
+result):
 
 1. `FewShotClassifier(head="prototype", metric="cosine")` fit and predict_proba at 10, 100,
    1,000 and 10,000 classes (5 shots, 1280-d random embeddings, 100 queries), and the time
@@ -55,6 +57,16 @@ def best_time(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def interleaved_best(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Fastest time of each run, in seconds, the runs taking turns round after round, so that a
+    change in the shared machine's speed falls on every side alike."""
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for key, fn in runs.items():
+            best[key] = min(best[key], best_time(fn, 1))
+    return best
 
 
 def scaling(classes: list[int], dim: int, shots: int, queries: int, seed: int) -> list[dict[str, Any]]:
@@ -120,6 +132,7 @@ def transductive(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.methods and name not in args.methods:
             continue
         row: dict[str, Any] = {"method": name}
+        runs: dict[str, Callable[[], Any]] = {}
         for column, options in (("ours_eps", same_work), ("ours_default_eps", {})):
             head = create_head(name, **options)
             size = head.episode_bytes(args.ways, args.shots, args.queries, args.dim)
@@ -135,19 +148,23 @@ def transductive(args: argparse.Namespace) -> list[dict[str, Any]]:
                 return torch.cat(parts)
 
             run()  # warm-up
-            row[column] = len(episodes) / best_time(run, 3)
+            runs[column] = run
             if column == "ours_eps":
                 correct = (run().argmax(-1) == q_labels).double().mean(1).numpy()
                 row["ours_acc"] = float(correct.mean())
                 row["chunk"] = chunk
+        count = min(args.easyfsl_episodes, len(episodes))
         if methods is not None and easy_name is not None:
-            count = min(args.easyfsl_episodes, len(episodes))
             model = getattr(methods, easy_name)(**easy_args)
             inputs = (model, support, s_labels, query, q_labels, count)
             acc = easyfsl_accuracy(*inputs)  # warm-up, as ours
-            row["easyfsl_eps"] = count / best_time(lambda: easyfsl_accuracy(*inputs), 3)  # noqa: B023
+            runs["easyfsl_eps"] = lambda inputs=inputs: easyfsl_accuracy(*inputs)
             row["easyfsl_acc_first"] = float(np.mean(acc))
             row["ours_acc_first"] = float(correct[:count].mean())
+        best = interleaved_best(runs, args.rounds)
+        for column, seconds in best.items():
+            row[column] = (count if column == "easyfsl_eps" else len(episodes)) / seconds
+        if "easyfsl_eps" in row:
             row["ratio"] = row["ours_eps"] / row["easyfsl_eps"]
         rows.append(row)
     return rows
@@ -169,6 +186,9 @@ def main() -> None:
     )
     parser.add_argument("--easyfsl", default="/tmp/easyfsl", help="folder holding the easyfsl package")
     parser.add_argument("--methods", nargs="*", default=None, help="only these transductive methods")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timed runs of each side, taking turns (the best is kept)"
+    )
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -176,6 +196,8 @@ def main() -> None:
     )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

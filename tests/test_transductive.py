@@ -199,9 +199,13 @@ def test_pt_map_transport_lets_a_broken_episode_go(monkeypatch):
     assert solves and max(solves) == 2 and len(solves) < 30, solves  # the NaN episode never iterated
 
 
-def test_knn_graph_marks_each_querys_nearest_neighbours():
+@pytest.mark.parametrize("running_min", [True, False])
+def test_knn_graph_marks_each_querys_nearest_neighbours(running_min, monkeypatch):
+    from protonets.heads import laplacianshot
     from protonets.heads.laplacianshot import knn_graph
 
+    if not running_min:  # the topk path that large episodes and other devices take
+        monkeypatch.setattr(laplacianshot, "RUNNING_MIN_QUERIES", 0)
     x = torch.randn(3, 9, 5, generator=torch.Generator().manual_seed(2))
     for k in (1, 3, 8, 12):  # 12 > Q - 1: every other query
         graph = knn_graph(x, k)
@@ -225,6 +229,15 @@ def test_knn_graph_gives_exactly_k_neighbours_when_distances_tie():
         dist = torch.cdist(x[e], x[e]) + torch.diag(torch.full((10,), float("inf")))
         chosen = dist.masked_select(graph[e].bool()).view(10, 3).sort(-1).values
         torch.testing.assert_close(chosen, dist.topk(3, largest=False).values.sort(-1).values)
+
+
+def test_laplacianshot_runs_with_gradients_on():
+    support, labels, query, _ = _episodes(count=2, queries=6, spread=0.6)
+    support.requires_grad_(True)
+    query.requires_grad_(True)
+    logits = create_head("laplacianshot", feature_transform=None).episode_logits(support, labels, query, 3)
+    logits.sum().backward()
+    assert support.grad is not None and support.grad.isfinite().all()
 
 
 def test_class_softmax_and_logsumexp_match_torch():

@@ -15,17 +15,22 @@ from .transductive import TransductiveHead, class_softmax
 
 def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
     """Affinities `[E, Q, Q]`: W[i, j] = 1 if j is among the k nearest neighbours of i (not i).
+    A constant of the inputs (no gradient flows through it).
 
-    Built as Wᵀ (column i marks the neighbours of i) without a per-row `topk`, whose cost is per
-    row: the k smallest distances of every column are kept by a running min/max over the rows
-    (2k − 1 elementwise ops a row, vectorised over episodes and columns), then one comparison
-    with the k-th. An episode with a tie at that distance (duplicate queries) is ranked again by
-    `topk`, so every row of W has exactly k ones.
+    On the CPU, for up to `RUNNING_MIN_QUERIES` queries, built as Wᵀ (column i marks the
+    neighbours of i) without a per-row `topk`, whose cost is per row: the k smallest distances
+    of every column are kept by a running min/max over the rows (2k − 1 elementwise ops a row,
+    vectorised over episodes and columns), then one comparison with the k-th. An episode whose
+    count is not exactly k (a tie at that distance, as duplicate queries give, or NaN) is ranked
+    again by `topk`, as are larger episodes and other devices (one kernel there).
     """
     k = min(k, x.shape[-2] - 1)
+    x = x.detach()
     # column i: ‖x_j‖² − 2 x_j·x_i, the distances from x_i less ‖x_i‖², which the column shares
     dist = torch.baddbmm(x.pow(2).sum(-1).unsqueeze(-1), x, x.transpose(-1, -2), alpha=-2)
     dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    if x.device.type != "cpu" or x.shape[-2] > RUNNING_MIN_QUERIES:
+        return _topk_graph(dist, k)
     smallest = [torch.full_like(dist[:, 0], float("inf")) for _ in range(k)]  # ascending, [E, Q]
     for row in dist.unbind(-2):
         for low, high in zip(smallest[-2::-1], smallest[:0:-1]):  # (m_{k-2}, m_{k-1}) ... (m_0, m_1)
@@ -35,9 +40,17 @@ def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
     tied = graph_t.sum(-2).ne(k).any(-1)
     graph = graph_t.transpose(-1, -2)
     if tied.any():
-        near = dist[tied].transpose(-1, -2).topk(k, dim=-1, largest=False).indices
-        graph[tied] = torch.zeros_like(dist[tied]).scatter_(-1, near, 1.0)
+        graph[tied] = _topk_graph(dist[tied], k)
     return graph
+
+
+RUNNING_MIN_QUERIES = 512  # above this, one topk over [E, Q, Q] is the faster on a CPU
+
+
+def _topk_graph(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """W `[E, Q, Q]` from distances whose column i holds the distances from query i."""
+    near = dist.transpose(-1, -2).topk(k, dim=-1, largest=False).indices
+    return torch.zeros_like(dist).scatter_(-1, near, 1.0)
 
 
 class LaplacianShotHead(TransductiveHead):
@@ -49,8 +62,8 @@ class LaplacianShotHead(TransductiveHead):
     Laplacian term; steps: at most this many bound updates (an episode stops when its bound is
     still); feature_transform: 'cl2n' as in the paper (centre on the support mean, then L2), or
     None; scale: ε of the rectification (see BD-CSPN).
-    Defaults: the paper's 5-way settings (λ 0.7, 20 steps, and its knn = 3, which in the
-    paper's code and easyfsl's counts the query itself: 2 neighbours).
+    Defaults: easyfsl's 5-way settings (λ 0.7, 20 steps) and the paper's graph: knn = 3 in the
+    paper's code and in easyfsl's counts the query itself, so 2 neighbours.
     """
 
     def __init__(
@@ -99,9 +112,9 @@ class LaplacianShotHead(TransductiveHead):
         for i in range(self.steps):
             new_logits = self.lam * neighbours_y - a
             top = new_logits.amax(-2, keepdim=True)
-            new_y = (new_logits - top).exp_()
+            new_y = (new_logits - top).exp()
             total = new_y.sum(-2, keepdim=True)
-            new_y /= total
+            new_y = new_y / total
             new_neighbours_y = new_y @ kernel_t
             # the bound Σ y·(log y + a − λ W y): with log y = new_logits − top − log total and
             # Σ_n y = 1, it is λ Σ y·(W y_old − W y) − Σ_q (top + log total)

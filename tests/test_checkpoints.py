@@ -14,6 +14,7 @@ CHECKPOINTS = REPO / "checkpoints"
 COMMITTED = [
     "protonet-conv4-omniglot",
     "protonet-conv4-omniglot-1shot-trainval",
+    "protonet-conv4-omniglot-1shot-trainval-12k",
     "protonet-conv4-omniglot-5shot-trainval",
     "siamese-conv4-omniglot",
     "maml-conv4-omniglot-scratch-cpu",

@@ -58,11 +58,11 @@ def compute_prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) 
 
 
 def squared_distances_from(
-    cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor
+    cross: torch.Tensor, centre_sq: torch.Tensor, point_sq: torch.Tensor, floor: float = 0.0
 ) -> torch.Tensor:
     """‖x − c‖² `[..., M, N]` from x·cᵀ `[..., M, N]`, ‖c‖² `[..., 1, N]` and ‖x‖² `[..., M, 1]`,
-    floored at 0 (the expansion can round below it)."""
-    return (point_sq - 2 * cross + centre_sq).clamp_min(0)
+    floored at `floor` (the expansion can round below 0)."""
+    return (point_sq - 2 * cross + centre_sq).clamp_min(floor)
 
 
 def prototype_logits(

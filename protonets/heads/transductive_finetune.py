@@ -16,7 +16,7 @@ def distance_logits_from(
 ) -> torch.Tensor:
     """−temperature · ‖x − p‖ (Euclidean distance, not squared) from x·pᵀ `[E, M, N]`,
     ‖p‖² `[E, 1, N]` and ‖x‖² `[E, M, 1]`."""
-    return -temperature * squared_distances_from(cross, centre_sq, point_sq).clamp_min(1e-12).sqrt()
+    return -temperature * squared_distances_from(cross, centre_sq, point_sq, floor=1e-12).sqrt()
 
 
 def distance_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:

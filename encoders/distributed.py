@@ -30,6 +30,8 @@ TIMEOUT_ENV = "PROTONETS_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 6 * 3600
 #: How long a rank whose own checks failed waits for its peers to share its error.
 _PROBLEM_TIMEOUT_S = 120
+#: Whether this process joined a process group (`init_world`); see `end_rank_process`.
+_joined = False
 
 
 class RankError(UserInputError):
@@ -101,10 +103,12 @@ def init_world(device: str = "cpu", *, timeout: timedelta | None = None) -> Worl
         return World()
     import torch.distributed as dist
 
+    global _joined
     if not dist.is_initialized():
         timeout = timeout or collective_timeout()
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=timeout)
+        _joined = True
     return World(dist.get_rank(), dist.get_world_size(), _local_rank())
 
 
@@ -240,3 +244,26 @@ def finish(world: World) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def end_rank_process(status: int) -> None:
+    """End this process now with `status` if it joined a process group (a torchrun rank at the
+    end of its command; nothing happens otherwise), skipping the interpreter's finalisation.
+
+    Gloo's worker threads release the last collective's tensors just after it completes, which
+    needs the GIL; when that lands in finalisation, the thread is stopped mid-destructor and the
+    process aborts ("terminate called without an active exception", exit -6, now and then)
+    although its work is done. So the output is flushed and the process leaves at once.
+    """
+    if not _joined:
+        return
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken pipe: nothing more to say
+    os._exit(status)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from protonets.encoders import create_encoder
-from protonets.encoders.distributed import World, finish, init_world
+from protonets.encoders.distributed import World, end_rank_process, finish, init_world
 from protonets.training import EpisodicTrainer, ImageSet, TrainConfig
 
 
@@ -104,3 +104,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank_process(0)  # as the command does: no interpreter finalisation for a torchrun rank

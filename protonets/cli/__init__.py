@@ -110,24 +110,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _command_logging(getattr(args, "quiet", False)), warnings.catch_warnings():
             warnings.showwarning = _WarningsOnce()  # library warnings: one reworded line each, once
-            return int(args.run(args) or 0)
+            status = int(args.run(args) or 0)
     except UserInputError as exc:
         if not getattr(exc, "quiet", False):  # under torchrun, rank 0 alone prints a shared error
             print(f"protonets: error: {exc}", file=sys.stderr, flush=True)
         from protonets.encoders.distributed import settle_shared_error
 
         settle_shared_error(exc)
-        return 2
+        status = 2
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        status = 1
     except KeyboardInterrupt:
         print("protonets: interrupted", file=sys.stderr)
-        return 130
+        status = 130
     finally:
         from protonets.encoders.distributed import leave_process_group
 
         leave_process_group()
+    from protonets.encoders.distributed import end_rank_process
+
+    end_rank_process(status)  # a torchrun rank ends here (see there why)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,7 +30,8 @@ TIMEOUT_ENV = "PROTONETS_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 6 * 3600
 #: How long a rank whose own checks failed waits for its peers to share its error.
 _PROBLEM_TIMEOUT_S = 120
-#: Whether this process joined a process group (`init_world`); see `end_rank_process`.
+#: Whether this process started a process group (`init_world`), left or not: its gloo threads
+#: may outlive it (see `end_rank_process`).
 _joined = False
 
 
@@ -246,9 +247,15 @@ def finish(world: World) -> None:
             dist.destroy_process_group()
 
 
+def joined_process_group() -> bool:
+    """Whether this process started a process group with `init_world` (a torchrun rank)."""
+    return _joined
+
+
 def end_rank_process(status: int) -> None:
-    """End this process now with `status` if it joined a process group (a torchrun rank at the
-    end of its command; nothing happens otherwise), skipping the interpreter's finalisation.
+    """End this process now with `status`, skipping the interpreter's finalisation, if it
+    started a process group (`joined_process_group`); otherwise do nothing. For the command's
+    entry point only, after its last collective.
 
     Gloo's worker threads release the last collective's tensors just after it completes, which
     needs the GIL; when that lands in finalisation, the thread is stopped mid-destructor and the
@@ -261,9 +268,10 @@ def end_rank_process(status: int) -> None:
     import sys
 
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):
             pass  # a closed or broken pipe: nothing more to say
     os._exit(status)

@@ -2,6 +2,6 @@
 
 import sys
 
-from protonets.cli import main
+from protonets.cli import run_console
 
-sys.exit(main())
+sys.exit(run_console())

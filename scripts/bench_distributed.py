@@ -295,7 +295,10 @@ def main() -> None:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        from protonets.encoders.distributed import end_rank_process
+
         worker(args)
+        end_rank_process(0)  # no interpreter finalisation for a torchrun rank (see there why)
         return
     if args.train_classes < args.ways:
         parser.error(f"--train-classes ({args.train_classes}) must be at least --ways ({args.ways})")

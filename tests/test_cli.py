@@ -139,3 +139,57 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nowhere" in proc.stderr
+
+
+class _Ended(Exception):
+    """Stands in for os._exit in the tests below (the status is its argument)."""
+
+
+@pytest.fixture
+def joined_rank(monkeypatch):
+    """This process as a torchrun rank that started a process group, with os._exit recorded."""
+    import protonets.encoders.distributed as distributed
+
+    def record_exit(status):
+        raise _Ended(status)
+
+    monkeypatch.setattr(distributed, "_joined", True)
+    monkeypatch.setattr(distributed.os, "_exit", record_exit)
+
+
+def test_main_and_the_console_entry_return_the_status_outside_torchrun(monkeypatch, tmp_path, capsys):
+    from protonets.cli import run_console
+
+    argv = ["classify", str(tmp_path / "missing"), str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["protonets", *argv])
+    assert main(argv) == 2
+    assert run_console() == 2  # no process group joined: nothing ends the process
+    assert capsys.readouterr().err.count("missing' does not exist") == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "said"),
+    [
+        (None, 0, ""),
+        (SystemExit(143), 143, ""),
+        (SystemExit("bye"), 1, "bye"),
+        (RuntimeError("bug"), 1, "RuntimeError: bug"),
+    ],
+)
+def test_a_torchrun_rank_ends_at_once_with_the_commands_status(
+    joined_rank, monkeypatch, capsys, fault, status, said
+):
+    """After the command, a rank skips interpreter finalisation (gloo's threads could abort it
+    there), with main's status, a SystemExit's, or 1 and the traceback after a bug."""
+    import protonets.cli as cli
+
+    def command():
+        if fault is not None:
+            raise fault
+        return 0
+
+    monkeypatch.setattr(cli, "main", command)
+    with pytest.raises(_Ended) as ended:
+        cli.run_console()
+    assert ended.value.args == (status,)
+    assert said in capsys.readouterr().err

@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -128,11 +129,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         from protonets.encoders.distributed import leave_process_group
 
         leave_process_group()
-    from protonets.encoders.distributed import end_rank_process
+    return status
 
-    end_rank_process(status)  # a torchrun rank ends here (see there why)
+
+def run_console() -> int:
+    """The `protonets` console script and `python -m protonets`: `main()`, after which a torchrun
+    rank ends at once, even after an unexpected error (see `end_rank_process` for why); `main`
+    itself always returns, so it can be called as a function."""
+    from protonets.encoders.distributed import end_rank_process, joined_process_group
+
+    try:
+        status = main()
+    except SystemExit as exc:  # e.g. argparse's exit or the SIGTERM handler's
+        if not joined_process_group():
+            raise
+        if exc.code is None or isinstance(exc.code, int):
+            status = exc.code or 0
+        else:  # a message, as sys.exit("...") gives
+            print(exc.code, file=sys.stderr)
+            status = 1
+    except BaseException:
+        if not joined_process_group():
+            raise
+        traceback.print_exc()
+        status = 1
+    end_rank_process(status)
     return status
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run_console())

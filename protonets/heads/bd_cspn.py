@@ -9,38 +9,38 @@ from typing import Any
 import torch
 
 from .prototype import FEATURE_TRANSFORMS, compute_prototypes, squared_distances_from, transform_episode
-from .transductive import TransductiveHead, one_hot
+from .transductive import TransductiveHead
 
 
 class ShiftedQueries:
     """Queries moved by one vector per episode, q + shift (`[E, Q, D]`, `[E, 1, D]`), never
-    written out: products, norms and weighted sums come from q itself, one pass over q each."""
+    written out: products, norms and weighted sums come from q itself, one pass over q each.
+    Results are class-major, `[E, N, Q]`: per-query reductions over classes then run along
+    contiguous rows of queries."""
 
     def __init__(self, query: torch.Tensor, shift: torch.Tensor) -> None:
         self.query, self.shift = query, shift
         moved = (query @ shift.transpose(-1, -2)).squeeze(-1)  # q·shift, [E, Q]
         squared = torch.linalg.vector_norm(query, dim=-1).square() + 2 * moved + shift.pow(2).sum(-1)
-        self.norm = squared.clamp_min(0).sqrt()  # ‖q + shift‖, [E, Q]
+        self.norm = squared.clamp_min(0).sqrt().unsqueeze(-2)  # ‖q + shift‖, [E, 1, Q]
 
     def dot(self, centres: torch.Tensor) -> torch.Tensor:
-        """(q + shift)·c, `[E, Q, N]` for centres `[E, N, D]`."""
-        centres_t = centres.transpose(-1, -2)
-        return self.query @ centres_t + self.shift @ centres_t
+        """(q + shift)·c, `[E, N, Q]` for centres `[E, N, D]`."""
+        return (centres @ self.query.transpose(-1, -2)).add_((centres * self.shift).sum(-1, keepdim=True))
 
     def cosine(self, centres: torch.Tensor) -> torch.Tensor:
-        """cos(q + shift, c), `[E, Q, N]`, with F.normalize's floor on the norms."""
-        scale = self.norm.clamp_min(1e-12).unsqueeze(-1) * _norms(centres).unsqueeze(-2)
-        return self.dot(centres) / scale
+        """cos(q + shift, c), `[E, N, Q]`, with F.normalize's floor on the norms."""
+        scale = self.norm.clamp_min(1e-12) * _norms(centres).unsqueeze(-1)
+        return self.dot(centres).div_(scale)
 
     def squared_distances(self, centres: torch.Tensor) -> torch.Tensor:
-        """‖q + shift − c‖², `[E, Q, N]`."""
-        centre_sq = centres.pow(2).sum(-1).unsqueeze(-2)
-        return squared_distances_from(self.dot(centres), centre_sq, self.norm.square().unsqueeze(-1))
+        """‖q + shift − c‖², `[E, N, Q]`."""
+        centre_sq = centres.pow(2).sum(-1).unsqueeze(-1)
+        return squared_distances_from(self.dot(centres), centre_sq, self.norm.square())
 
     def weighted_sums(self, weights: torch.Tensor) -> torch.Tensor:
-        """Σ_q w_qn (q + shift), `[E, N, D]`, for weights `[E, Q, N]`."""
-        weights_t = weights.transpose(-1, -2)
-        return weights_t @ self.query + weights_t.sum(-1, keepdim=True) * self.shift
+        """Σ_q w_nq (q + shift), `[E, N, D]`, for weights `[E, N, Q]`."""
+        return weights @ self.query + weights.sum(-1, keepdim=True) * self.shift
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -57,20 +57,23 @@ def rectify(
     Members of class n: its support examples and the queries whose nearest prototype (cosine)
     is n; their weights are softmax(scale · cos(x, p_n)) over the members. Neither the shifted
     queries nor the support–query concatenation are written out: a few passes over each input.
+    Everything small is class-major (`[E, N, S + Q]`), so the softmax runs along rows.
     """
     queries = ShiftedQueries(query, support.mean(-2, keepdim=True) - query.mean(-2, keepdim=True))
-    support_onehot = one_hot(labels, n_way, support.dtype)  # [E, S, N]
     prototypes = compute_prototypes(support, labels, n_way)
-    support_cos = (support @ prototypes.transpose(-1, -2)) / (
-        _norms(support).unsqueeze(-1) * _norms(prototypes).unsqueeze(-2)
-    )
-    query_cos = queries.cosine(prototypes)
-    pseudo = one_hot(query_cos.argmax(-1), n_way, torch.bool)
-    sim = scale * torch.cat([support_cos, query_cos], -2)  # [E, S+Q, N], small
-    member = torch.cat([support_onehot.bool(), pseudo], -2)
-    weights = sim.masked_fill(~member, float("-inf")).softmax(-2)  # each class has its support
-    support_weights, query_weights = weights.split([support.shape[-2], query.shape[-2]], -2)
-    rectified = support_weights.transpose(-1, -2) @ support + queries.weighted_sums(query_weights)
+    support_cos = (prototypes @ support.transpose(-1, -2)) / (
+        _norms(prototypes).unsqueeze(-1) * _norms(support).unsqueeze(-2)
+    )  # [E, N, S]
+    query_cos = queries.cosine(prototypes)  # [E, N, Q]
+    classes = torch.arange(n_way, device=labels.device).view(1, -1, 1)
+    nearest = query_cos == query_cos.amax(-2, keepdim=True)  # argmax over dim -2 is slow on a CPU
+    if nearest.sum(-2).ne(1).any():  # a tie (or NaN): the first nearest class, as argmax picks
+        nearest = query_cos.argmax(-2, keepdim=True) == classes
+    member = torch.cat([labels.unsqueeze(-2) == classes, nearest], -1)
+    sim = torch.cat([support_cos, query_cos], -1).mul_(scale)  # [E, N, S+Q], small
+    weights = sim.masked_fill_(~member, float("-inf")).softmax(-1)  # each class has its support
+    support_weights, query_weights = weights.split([support.shape[-2], query.shape[-2]], -1)
+    rectified = support_weights @ support + queries.weighted_sums(query_weights)
     return rectified, queries
 
 
@@ -99,4 +102,4 @@ class BDCSPNHead(TransductiveHead):
     ) -> torch.Tensor:
         s, q = transform_episode(support, query, self.feature_transform)
         prototypes, queries = rectify(s, labels, q, n_way, self.scale)
-        return self.scale * queries.cosine(prototypes)
+        return self.scale * queries.cosine(prototypes).transpose(-1, -2)

@@ -103,7 +103,7 @@ class LaplacianShotHead(TransductiveHead):
         s, q = transform_episode(support, query, self.feature_transform)
         prototypes, queries = rectify(s, labels, q, n_way, self.scale)
         # classes in dim -2 ([E, N, Q]): the per-query reductions then run along contiguous rows
-        a = queries.squared_distances(prototypes).transpose(-1, -2).contiguous()
+        a = queries.squared_distances(prototypes)
         kernel_t = knn_graph(q, self.knn).transpose(-1, -2)  # the shift moves every query alike
         logits = -a
         neighbours_y = class_softmax(logits, -2) @ kernel_t  # Σ of the neighbours' assignments

@@ -231,6 +231,19 @@ def test_knn_graph_gives_exactly_k_neighbours_when_distances_tie():
         torch.testing.assert_close(chosen, dist.topk(3, largest=False).values.sort(-1).values)
 
 
+def test_bd_cspn_pseudo_labels_a_tied_query_with_the_first_nearest_class():
+    """Classes 0 and 1 share their support example, so a query on it is equally near both: as
+    argmax picks, it joins class 0 only (class 1 keeps its support example alone)."""
+    from protonets.heads.bd_cspn import rectify
+
+    support = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    labels = torch.tensor([[0, 1, 2]])
+    query = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.3, 0.9]]])
+    rectified, _ = rectify(support, labels, query, 3, 10.0)
+    assert torch.allclose(rectified[0, 1], support[0, 1])  # only its support example
+    assert not torch.allclose(rectified[0, 0], support[0, 0])  # moved by the tied query's shift
+
+
 def test_laplacianshot_runs_with_gradients_on():
     support, labels, query, _ = _episodes(count=2, queries=6, spread=0.6)
     support.requires_grad_(True)

@@ -41,8 +41,14 @@ def result_row(
 
 
 def _balance(row: dict[str, Any]) -> str:
+    """'balanced', or e.g. 'dirichlet (α=2, 3 episodes capped)': capped episodes are closer to
+    balanced than α asks, because a class had fewer images than its share."""
     balance = row.get("query_balance", "balanced")
-    return f"{balance} (α={row['alpha']:g})" if row.get("alpha") is not None else balance
+    if row.get("alpha") is None:
+        return balance
+    capped = row.get("capped_episodes")
+    note = f", {capped} of {row['episodes']} episodes capped" if capped else ""
+    return f"{balance} (α={row['alpha']:g}{note})"
 
 
 def markdown_table(results: list[dict[str, Any]], published: dict | None = None) -> str:
@@ -73,9 +79,32 @@ def markdown_table(results: list[dict[str, Any]], published: dict | None = None)
     return "\n".join(lines)
 
 
+#: What `plot_accuracy` writes, and the mark it leaves in the file (see `written_by_eval`).
+PLOT_TYPES = (".png", ".pdf", ".svg")
+_PLOT_MARK = "protonets eval"
+
+
 def write_results(path: str | os.PathLike[str], document: dict[str, Any]) -> None:
     """Write the results document as JSON, atomically."""
     write_json_atomically(path, document)
+
+
+def written_by_eval(path: str | os.PathLike[str], kind: str) -> bool:
+    """Whether the existing file `path` is a results document (`kind` 'results') or a plot
+    ('plot') that `protonets eval` wrote, so that writing it again loses nothing of the user's."""
+    try:
+        if kind == "plot":
+            if os.path.getsize(path) > 64 << 20:
+                return False
+            with open(path, "rb") as f:
+                return _PLOT_MARK.encode() in f.read()
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and isinstance(document.get("results"), list) and "encoder" in document
 
 
 def plot_accuracy(results: list[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> None:
@@ -109,6 +138,7 @@ def plot_accuracy(results: list[dict[str, Any]], path: str | os.PathLike[str], t
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    suffix = os.path.splitext(os.fspath(path))[1] or ".png"
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format=suffix.lstrip("."), dpi=120))
+    suffix = os.path.splitext(os.fspath(path))[1].lower() or ".png"
+    mark = {"Software" if suffix == ".png" else "Creator": _PLOT_MARK}  # see written_by_eval
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=suffix.lstrip("."), dpi=120, metadata=mark))
     plt.close(fig)

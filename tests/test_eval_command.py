@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from protonets.cli import main
 from tests.conftest import EXAMPLES
 
@@ -70,3 +73,68 @@ def test_eval_command_bad_input(tmp_path, capsys):
         ]
     )
     assert code == 2 and "only 5 have" in capsys.readouterr().err
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    """A small saved embedding set: 5 separated classes of 8 rows."""
+    from protonets.encoders.embedding_set import EmbeddingSet
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat_interleave(8)
+    x = 4 * torch.eye(5, 8)[labels] + torch.randn(40, 8, generator=g)
+    fields = ([f"c{i}" for i in range(5)], [f"c{i // 8}/{i}.png" for i in range(40)], {"model": "m"})
+    EmbeddingSet(x, labels, *fields).save(tmp_path / "emb")
+    return tmp_path / "emb"
+
+
+def small_eval(embedded, *extra):
+    argv = ["eval", "--embeddings", str(embedded), "--ways", "3", "--shots", "1", "--queries", "2"]
+    return main([*argv, "--episodes", "5", "--quiet", *map(str, extra)])
+
+
+def test_eval_replaces_only_result_files_it_wrote(embedded, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"\x89PNG not a plot of ours")
+    for target, option in [
+        (embedded / "manifest.json", "--output"),
+        (embedded / "embeddings.safetensors", "--output"),
+        (notes, "--output"),
+        (photo, "--plot"),
+    ]:
+        before = target.read_bytes()
+        assert small_eval(embedded, option, target) == 2
+        assert f"{option} '{target}' already exists" in capsys.readouterr().err
+        assert target.read_bytes() == before
+    results, plot = tmp_path / "r.json", tmp_path / "r.svg"
+    assert small_eval(embedded, "--output", results, "--plot", plot) == 0
+    assert small_eval(embedded, "--output", results, "--plot", plot) == 0  # ours: written again
+    assert json.loads(results.read_text())["results"] and b"protonets eval" in plot.read_bytes()
+
+
+def test_eval_output_and_plot_names_are_checked_before_work(embedded, tmp_path, capsys):
+    same = tmp_path / "same.png"
+    assert small_eval(embedded, "--output", same, "--plot", same) == 2
+    assert "--output and --plot are the same file" in capsys.readouterr().err
+    assert small_eval(embedded, "--output", tmp_path / "r.json", "--plot", tmp_path / "plot.txt") == 2
+    assert "cannot draw a '.txt' file" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists() and not same.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"), [("--seed", "-1", "0 or more"), ("--ways", "1", "at least 2")]
+)
+def test_eval_bad_seed_or_one_way_is_an_argument_error(embedded, capsys, option, value, said):
+    with pytest.raises(SystemExit) as exit_:
+        small_eval(embedded, option, value)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_eval_table_says_how_many_dirichlet_episodes_were_capped(embedded, capsys):
+    assert (
+        small_eval(embedded, "--query-balance", "dirichlet", "--dirichlet-alpha", "1e-9", "--queries", "6")
+        == 0
+    )
+    assert "episodes capped)" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any
 
@@ -11,6 +12,7 @@ from protonets.encoders.factory import create_encoder
 
 from .common import (
     add_encoder_options,
+    at_least_two,
     check_device_and_checkpoint,
     check_output_paths,
     non_negative_int,
@@ -55,11 +57,11 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         help="evaluate an embedding set folder from `protonets embed` instead of images "
         "(replaces --data, --dataset and --split)",
     )
-    p.add_argument("--ways", type=positive_int, nargs="+", default=[5])
+    p.add_argument("--ways", type=at_least_two, nargs="+", default=[5])
     p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5])
     p.add_argument("--queries", type=positive_int, default=15)
     p.add_argument("--episodes", type=positive_int, default=600)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
         "--query-balance",
         choices=["balanced", "dirichlet"],
@@ -108,6 +110,29 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p.set_defaults(run=run)
 
 
+def check_result_files(output: str | None, plot: str | None) -> None:
+    """--output and --plot, before any work: writable, two different files, a plot type we
+    draw, and no existing file replaced unless `protonets eval` wrote it (a results JSON, a plot)."""
+    from protonets.encoders.errors import UserInputError
+    from protonets.eval.report import PLOT_TYPES, written_by_eval
+
+    check_output_paths(output, plot)
+    if plot is not None:
+        suffix = os.path.splitext(plot)[1].lower()
+        if suffix and suffix not in PLOT_TYPES:
+            raise UserInputError(
+                f"--plot '{plot}': cannot draw a '{suffix}' file; end the name in {', '.join(PLOT_TYPES)}"
+            )
+    if output is not None and plot is not None and os.path.realpath(output) == os.path.realpath(plot):
+        raise UserInputError(f"--output and --plot are the same file '{output}'; give the plot another name")
+    for option, path, kind in (("--output", output, "results"), ("--plot", plot, "plot")):
+        if path is not None and os.path.exists(path) and not written_by_eval(path, kind):
+            raise UserInputError(
+                f"{option} '{path}' already exists and is not a {kind} file of protonets eval; "
+                "choose a new name (or move that file away)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     from protonets.encoders.errors import UserInputError
     from protonets.episodes import usable_classes
@@ -126,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         for shots in args.shots:
             usable_classes(dataset.labels, ways, shots + args.queries, warn=False)
     device = check_device_and_checkpoint(args)  # device, checkpoint and output paths: before work
-    check_output_paths(args.output, args.plot)
+    check_result_files(args.output, args.plot)
     method_options = _method_options(args)
     encoder = None
     if is_meta_checkpoint(args.checkpoint) and any(map(MetaEpisodes.replaces, args.method)):
@@ -267,7 +292,7 @@ def run_from_embeddings(args: argparse.Namespace) -> int:
             f"--encoder {args.encoder}: '{args.embeddings}' was embedded by {made_by}; drop --encoder "
             "(the set names its encoder) or embed the images again with this one"
         )
-    check_output_paths(args.output, args.plot)
+    check_result_files(args.output, args.plot)
     method_options = _method_options(args)
     fingerprint = None
     if args.checkpoint is not None:  # a named encoder must be the one that made the set

@@ -13,7 +13,7 @@ from protonets.encoders.distributed import World
 from protonets.encoders.errors import UserInputError
 
 from . import train_heads, train_maml, train_siamese
-from .common import positive_int
+from .common import non_negative_int, positive_int
 from .train_setup import (
     DEFAULTS,
     check_resumed_method,
@@ -108,7 +108,7 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     g.add_argument("--lr-gamma", type=float, default=None, help="decay factor (default 0.5)")
     g.add_argument("--weight-decay", type=float, default=None, help="default 0")
     g.add_argument("--augment", choices=AUGMENTATIONS, default=None, help="default none")
-    g.add_argument("--seed", type=int, default=None, help="default 0")
+    g.add_argument("--seed", type=non_negative_int, default=None, help="default 0")
 
     g = p.add_argument_group("machine")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")

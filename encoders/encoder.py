@@ -175,11 +175,25 @@ class Encoder:
                     log.warning("skipped: %s", message)
                     failed.append((index, message))
                 if batch is not None:
-                    chunks.append(self.forward(batch))
+                    chunks.append(self._finite(self.forward(batch), [items[i] for i in indices]))
                     kept.extend(indices)
                 bar.update(len(indices) + len(errors))
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
         return EmbeddingResult(embeddings, kept, failed)
+
+
+    def _finite(self, embeddings: torch.Tensor, items: list[Any]) -> torch.Tensor:
+        """`embeddings`, or a UserInputError naming the first image whose embedding is not finite
+        (NaN or inf come from broken weights, e.g. a training run that diverged, not the image)."""
+        bad = ~torch.isfinite(embeddings).all(-1)
+        if bad.any():
+            item = items[int(bad.nonzero()[0, 0])]
+            where = getattr(item, "path", item if isinstance(item, str) else "an image")
+            raise UserInputError(
+                f"encoder {self.name} gave NaN or inf for '{where}' ({int(bad.sum())} of "
+                f"{len(items)} images in its batch): its weights are broken; use another --checkpoint"
+            )
+        return embeddings
 
 
 class LazyEncoder(Encoder):

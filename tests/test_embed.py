@@ -283,3 +283,19 @@ def test_a_set_streamed_in_chunks_reads_back_as_one(tmp_path):
         save_embedding_set(tmp_path / "short", [x[:9]], labels, 3, *fields)
     assert not (tmp_path / "short" / "manifest.json").exists()
     assert [p.name for p in (tmp_path / "short").iterdir()] == []
+
+
+def test_an_encoder_with_broken_weights_is_one_line_naming_an_image(tmp_path):
+    """NaN weights (a diverged training run) give NaN embeddings: refused, not written or scored."""
+    import torch
+
+    from protonets.encoders import create_encoder
+    from protonets.encoders.errors import UserInputError
+
+    data = make_dataset(tmp_path / "data", classes="a", per_class=3)
+    encoder = create_encoder("conv4", checkpoint_path=str(CHECKPOINT), device="cpu")
+    with torch.no_grad():
+        next(encoder.model.parameters()).fill_(float("nan"))
+    images = sorted(str(p) for p in (data / "a").iterdir())
+    with pytest.raises(UserInputError, match=r"gave NaN or inf for '.*0\.png' \(3 of 3 images"):
+        encoder.embed(images, num_workers=0, progress=False)

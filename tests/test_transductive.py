@@ -63,7 +63,7 @@ def test_the_registry_declares_every_transductive_method():
         }
     )
     balanced = {n for n in NAMES if HEADS[n].assumes_balanced_queries}
-    assert balanced == {"pt-map", "tim"}
+    assert balanced == {"pt-map", "tim", "bd-cspn", "laplacianshot"}
     assert HEADS["tim"].needs_grad and HEADS["alpha-tim"].needs_grad
     assert HEADS["transductive-finetune"].needs_grad and not HEADS["pt-map"].needs_grad
 
@@ -348,7 +348,7 @@ def test_classify_pt_map_warns_once_and_answers(capsys):
         "0",
     )  # fmt: skip (no --quiet: it silences warnings)
     assert code == 0, err
-    assert err.count("assumes each class has the same number of queries") == 1
+    assert err.count("assumes the queries are spread over the classes like the support set") == 1
     rows = json.loads(out)
     right = sum(r["label"] == r["query"].split("/")[-1].rsplit("_image", 1)[0] for r in rows)
     assert len(rows) == 10 and right >= 9

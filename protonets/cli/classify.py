@@ -56,8 +56,10 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         "siamese: --checkpoint is its Siamese checkpoint folder). A transductive head "
         f"({', '.join(TRANSDUCTIVE)}) uses all the QUERY images of this call as its unlabelled batch "
         "(needs 2 or more; answers depend on the batch); with --threshold, queries below it are "
-        "answered unknown and left out of that refinement. pt-map and tim assume every class has "
-        "as many queries as the others: for a batch that may be imbalanced use alpha-tim",
+        "answered unknown and left out of that refinement. "
+        f"{', '.join(n for n in TRANSDUCTIVE if HEADS[n].assumes_balanced_queries)} assume the "
+        "queries are spread over the classes like the support set: for a batch that may be "
+        "imbalanced use alpha-tim",
     )
     p.add_argument("--metric", choices=["euclidean", "cosine"], default="cosine")
     p.add_argument(
@@ -94,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if head.assumes_balanced_queries:
         log.warning(
-            "--head %s assumes each class has the same number of queries, which this batch may not "
-            "have; for a possibly imbalanced batch use alpha-tim (or an inductive head)",
+            "--head %s assumes the queries are spread over the classes like the support set, "
+            "which this batch may not be; for a possibly imbalanced batch use alpha-tim (or an "
+            "inductive head)",
             args.head,
         )
     clf = FewShotClassifier(

@@ -84,6 +84,8 @@ class BDCSPNHead(TransductiveHead):
     feature_transform: None, 'l2n' or 'cl2n' (centre on the support mean, then L2).
     """
 
+    assumes_balanced_queries = True  # the cross-set shift moves the query mean onto the support's
+
     def __init__(self, scale: float = 10.0, feature_transform: str | None = None) -> None:
         super().__init__()
         if feature_transform not in FEATURE_TRANSFORMS:

@@ -66,6 +66,8 @@ class LaplacianShotHead(TransductiveHead):
     paper's code and in easyfsl's counts the query itself, so 2 neighbours.
     """
 
+    assumes_balanced_queries = True  # the queries are shifted as BD-CSPN shifts them
+
     def __init__(
         self,
         knn: int = 2,

@@ -193,3 +193,27 @@ def test_a_torchrun_rank_ends_at_once_with_the_commands_status(
         cli.run_console()
     assert ended.value.args == (status,)
     assert said in capsys.readouterr().err
+
+
+def test_classify_with_every_query_unreadable_is_an_error_not_an_empty_answer(tmp_path, capsys):
+    from tests.test_embed import FAST, make_dataset
+
+    support = make_dataset(tmp_path / "support", classes="ab", per_class=2)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ("x.png", "y.png"):
+        (queries / name).write_bytes(b"not an image")
+    code, out, err = _run(capsys, "classify", support, queries, "--skip-bad", *FAST)
+    assert code == 2 and out == ""
+    assert "no QUERY image could be read" in err
+
+
+def test_classify_refuses_a_support_class_named_like_rejected_queries(tmp_path, capsys):
+    from tests.test_embed import FAST, make_dataset
+
+    support = make_dataset(tmp_path / "support", classes="ab", per_class=2)
+    (support / "a").rename(support / "unknown")
+    code, _, err = _run(capsys, "classify", support, support / "b", "--threshold", "0.5", *FAST)
+    assert code == 2 and "support class 'unknown'" in err and "rename that folder" in err
+    code, _, _ = _run(capsys, "classify", support, support / "b", *FAST)  # no threshold: a class like any
+    assert code == 0

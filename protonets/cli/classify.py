@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     queries = query_paths(args.queries, skip_bad=args.skip_bad)
     # every input is checked (cheaply) before the model is built and anything is embedded
     device, support, labels, queries = check_inputs(args, support, labels, queries)
+    if not queries:
+        raise UserInputError(
+            "no QUERY image could be read (each one is skipped above); replace them or give other images"
+        )
     from ..classifier import FewShotClassifier
 
     head = HEADS[args.head]
@@ -100,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
             "which this batch may not be; for a possibly imbalanced batch use alpha-tim (or an "
             "inductive head)",
             args.head,
+        )
+    if args.threshold is not None and "unknown" in set(map(str, labels)):
+        raise UserInputError(
+            f"support class 'unknown' in '{args.support}' has the name --threshold gives to the "
+            "queries it rejects; rename that folder"
         )
     clf = FewShotClassifier(
         encoder=args.encoder,
@@ -120,22 +129,28 @@ def run(args: argparse.Namespace) -> int:
     embedded = clf.embed(queries, desc="queries")
     kept = [queries[i] for i in embedded.kept]
     rows = []
+    if not kept:
+        raise UserInputError(
+            "no QUERY image could be read (each one is skipped above); replace them or give other images"
+        )
     if head.transductive and len(kept) < 2:
-        raise UserInputError(f"--head {args.head} needs 2 or more readable QUERY images, got {len(kept)}")
-    if kept:  # one predict_proba: a transductive head refines the classes once, with every query
-        proba = clf.predict_proba(embedded.embeddings)
-        for path, row in zip(kept, proba):
-            order = sorted(range(len(row)), key=lambda j: -row[j])[: args.top_k]
-            label = clf.classes_[order[0]]
-            if args.threshold is not None and row[order[0]] < args.threshold:
-                label = clf.unknown_label
-            rows.append(
-                {
-                    "query": path,
-                    "label": str(label),
-                    "probability": round(float(row[order[0]]), 6),
-                    "top_k": [[str(clf.classes_[j]), round(float(row[j]), 6)] for j in order],
-                }
-            )
+        raise UserInputError(
+            f"--head {args.head} needs 2 or more readable QUERY images, got {len(kept)}; give more "
+            "queries or use an inductive head such as prototype"
+        )
+    proba = clf.predict_proba(embedded.embeddings)  # once: a transductive head refines the
+    for path, row in zip(kept, proba):  # classes once, with every query
+        order = sorted(range(len(row)), key=lambda j: -row[j])[: args.top_k]
+        label = clf.classes_[order[0]]
+        if args.threshold is not None and row[order[0]] < args.threshold:
+            label = clf.unknown_label
+        rows.append(
+            {
+                "query": path,
+                "label": str(label),
+                "probability": round(float(row[order[0]]), 6),
+                "top_k": [[str(clf.classes_[j]), round(float(row[j]), 6)] for j in order],
+            }
+        )
     write_rows(rows, args.format, sys.stdout)
     return 0

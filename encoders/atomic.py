@@ -282,10 +282,15 @@ def read_manifest(
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
     except (OSError, ValueError) as exc:
-        raise UserInputError(f"'{path}' is damaged and cannot be read as JSON ({exc})") from None
+        raise UserInputError(f"'{path}' is damaged and cannot be read as JSON ({exc}); {remedy}") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
         found = manifest.get("kind") if isinstance(manifest, dict) else None
-        raise UserInputError(f"'{directory}' holds a {found or 'unknown object'}, not a {kind}")
+        what = (
+            f"'{found}'"
+            if isinstance(found, str) and found
+            else "something else (its manifest names no kind)"
+        )
+        raise UserInputError(f"'{directory}' holds {what}, not a {kind}; give the folder of a {kind}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > max_version:
         raise UserInputError(

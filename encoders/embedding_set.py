@@ -188,8 +188,9 @@ def save_embedding_set(
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The verified manifest of an embedding set folder (kind, version, checksum, fields)."""
     if not os.path.isfile(os.path.join(os.fspath(directory), MANIFEST)):
+        missing = "does not exist" if not os.path.exists(directory) else f"has no {MANIFEST}"
         raise UserInputError(
-            f"'{directory}' is not an embedding set (no {MANIFEST}); make one with `protonets embed`"
+            f"'{directory}' is not an embedding set (it {missing}); make one with `protonets embed`"
         )
     manifest = read_bundle_manifest(directory, KIND, FORMAT_VERSION, "run `protonets embed` again")
     path = os.path.join(os.fspath(directory), MANIFEST)

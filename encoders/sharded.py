@@ -158,9 +158,10 @@ def check_output(output: str, key: str, fingerprint: dict[str, Any], signature: 
         except (OSError, ValueError):
             manifest = None
         if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
-            found = manifest.get("kind") if isinstance(manifest, dict) else "an unreadable manifest"
+            found = manifest.get("kind") if isinstance(manifest, dict) else None
+            what = f"a '{found}'" if isinstance(found, str) and found else f"a {MANIFEST} of something else"
             raise UserInputError(
-                f"--output '{output}' holds {found}, not an embedding set; choose another --output"
+                f"--output '{output}' holds {what}, not an embedding set; choose another --output"
             )
         info = manifest.get("info") if isinstance(manifest.get("info"), dict) else {}
         same = manifest.get("fingerprint") == fingerprint and info.get("signature") == signature

@@ -270,7 +270,7 @@ def test_bad_checkpoint_dirs_are_clear_errors(data, tmp_path):
 
     run = tmp_path / "run"
     trainer(data, run, episodes=2).fit()
-    with pytest.raises(UserInputError, match="holds a protonets.TrainState, not a protonets.Checkpoint"):
+    with pytest.raises(UserInputError, match="holds 'protonets.TrainState', not a protonets.Checkpoint"):
         create_encoder(checkpoint_path=run / STATE_DIR)
     weights = next(run.glob("model-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-10])

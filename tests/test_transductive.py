@@ -13,7 +13,7 @@ import torch
 
 from protonets import FewShotClassifier
 from protonets.cli import main
-from protonets.cli.classify import TRANSDUCTIVE
+from protonets.cli.classify import ASSUME_BALANCED, TRANSDUCTIVE
 from protonets.heads import HEADS, compute_prototypes, create_head
 from tests.conftest import EXAMPLES
 
@@ -63,7 +63,7 @@ def test_the_registry_declares_every_transductive_method():
         }
     )
     balanced = {n for n in NAMES if HEADS[n].assumes_balanced_queries}
-    assert balanced == {"pt-map", "tim", "bd-cspn", "laplacianshot"}
+    assert balanced == set(ASSUME_BALANCED) == {"pt-map", "tim", "bd-cspn", "laplacianshot"}
     assert HEADS["tim"].needs_grad and HEADS["alpha-tim"].needs_grad
     assert HEADS["transductive-finetune"].needs_grad and not HEADS["pt-map"].needs_grad
 

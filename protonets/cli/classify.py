@@ -30,6 +30,8 @@ TRANSDUCTIVE = (
     "tim",
     "transductive-finetune",
 )
+#: those that assume a balanced query batch (`assumes_balanced_queries`; checked the same way)
+ASSUME_BALANCED = ("bd-cspn", "laplacianshot", "pt-map", "tim")
 
 
 def non_negative_float(text: str) -> float:
@@ -57,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         f"({', '.join(TRANSDUCTIVE)}) uses all the QUERY images of this call as its unlabelled batch "
         "(needs 2 or more; answers depend on the batch); with --threshold, queries below it are "
         "answered unknown and left out of that refinement. "
-        f"{', '.join(n for n in TRANSDUCTIVE if HEADS[n].assumes_balanced_queries)} assume the "
+        f"{', '.join(ASSUME_BALANCED)} assume the "
         "queries are spread over the classes like the support set: for a batch that may be "
         "imbalanced use alpha-tim",
     )

@@ -181,7 +181,6 @@ class Encoder:
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
         return EmbeddingResult(embeddings, kept, failed)
 
-
     def _finite(self, embeddings: torch.Tensor, items: list[Any]) -> torch.Tensor:
         """`embeddings`, or a UserInputError naming the first image whose embedding is not finite
         (NaN or inf come from broken weights, e.g. a training run that diverged, not the image)."""

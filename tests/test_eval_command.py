@@ -138,3 +138,10 @@ def test_eval_table_says_how_many_dirichlet_episodes_were_capped(embedded, capsy
         == 0
     )
     assert "episodes capped)" in capsys.readouterr().out
+
+
+def test_eval_options_that_would_be_ignored_are_refused(embedded, tmp_path, capsys):
+    assert small_eval(embedded, "--dirichlet-alpha", "0.5") == 2
+    assert "--dirichlet-alpha applies to --query-balance dirichlet" in capsys.readouterr().err
+    assert small_eval(embedded, "--method", "prototype", "--head-checkpoint", tmp_path / "nope") == 2
+    assert "no --method here is one" in capsys.readouterr().err

@@ -19,6 +19,8 @@ from .common import (
     positive_int,
 )
 
+DEFAULT_DIRICHLET_ALPHA = 2.0
+
 
 def dirichlet_alpha(text: str) -> float:
     """argparse type of --dirichlet-alpha: a finite number above 0."""
@@ -74,9 +76,9 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p.add_argument(
         "--dirichlet-alpha",
         type=dirichlet_alpha,
-        default=2.0,
+        default=None,
         help="Dirichlet concentration for --query-balance dirichlet: smaller is more imbalanced "
-        "(default: %(default)s)",
+        f"(default: {DEFAULT_DIRICHLET_ALPHA})",
     )
     p.add_argument(
         "--method",
@@ -209,8 +211,20 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
     --knn-k and --maml-steps belong to the method they are named after, not to every head.
     """
+    from protonets.encoders.errors import UserInputError
     from protonets.eval.protocol import checkpoint_folder
+    from protonets.heads import HEADS
 
+    if args.dirichlet_alpha is not None and args.query_balance != "dirichlet":
+        raise UserInputError("--dirichlet-alpha applies to --query-balance dirichlet; add that or drop it")
+    if args.dirichlet_alpha is None:
+        args.dirichlet_alpha = DEFAULT_DIRICHLET_ALPHA
+    if args.head_checkpoint and not any(HEADS[m].checkpoint_hint for m in args.method if m in HEADS):
+        raise UserInputError(
+            f"--head-checkpoint '{args.head_checkpoint}' is for a trained head "
+            f"({', '.join(sorted(n for n, h in HEADS.items() if h.checkpoint_hint))}), and no --method "
+            "here is one; drop it or add that method"
+        )
     named = {"knn": {"k": args.knn_k}, "maml": {"steps": args.maml_steps}}
     options = {m: {"head_checkpoint": args.head_checkpoint, **named.get(m, {})} for m in args.method}
     for method in args.method:  # a trained head without its folder: refuse before embedding

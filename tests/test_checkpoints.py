@@ -15,6 +15,7 @@ COMMITTED = [
     "protonet-conv4-omniglot",
     "protonet-conv4-omniglot-1shot-trainval",
     "protonet-conv4-omniglot-1shot-trainval-12k",
+    "protonet-conv4-omniglot-1shot-trainval-20k",
     "protonet-conv4-omniglot-5shot-trainval",
     "siamese-conv4-omniglot",
     "maml-conv4-omniglot-scratch-cpu",

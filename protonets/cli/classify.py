@@ -32,6 +32,9 @@ TRANSDUCTIVE = (
 )
 #: those that assume a balanced query batch (`assumes_balanced_queries`; checked the same way)
 ASSUME_BALANCED = ("bd-cspn", "laplacianshot", "pt-map", "tim")
+NO_READABLE_QUERY = (
+    "no QUERY image could be read (each one is skipped above); replace them or give other images"
+)
 
 
 def non_negative_float(text: str) -> float:
@@ -89,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
     # every input is checked (cheaply) before the model is built and anything is embedded
     device, support, labels, queries = check_inputs(args, support, labels, queries)
     if not queries:
-        raise UserInputError(
-            "no QUERY image could be read (each one is skipped above); replace them or give other images"
-        )
+        raise UserInputError(NO_READABLE_QUERY)
     from ..classifier import FewShotClassifier
 
     head = HEADS[args.head]
@@ -100,17 +101,17 @@ def run(args: argparse.Namespace) -> int:
             f"--head {args.head} is transductive: it needs 2 or more QUERY images (its unlabelled "
             f"batch), got {len(queries)}; pass more queries or use an inductive head such as prototype"
         )
+    if args.threshold is not None and "unknown" in set(map(str, labels)):
+        raise UserInputError(
+            f"support class 'unknown' in '{args.support}' has the name --threshold gives to the "
+            "queries it rejects; rename that folder"
+        )
     if head.assumes_balanced_queries:
         log.warning(
             "--head %s assumes the queries are spread over the classes like the support set, "
             "which this batch may not be; for a possibly imbalanced batch use alpha-tim (or an "
             "inductive head)",
             args.head,
-        )
-    if args.threshold is not None and "unknown" in set(map(str, labels)):
-        raise UserInputError(
-            f"support class 'unknown' in '{args.support}' has the name --threshold gives to the "
-            "queries it rejects; rename that folder"
         )
     clf = FewShotClassifier(
         encoder=args.encoder,
@@ -131,10 +132,8 @@ def run(args: argparse.Namespace) -> int:
     embedded = clf.embed(queries, desc="queries")
     kept = [queries[i] for i in embedded.kept]
     rows = []
-    if not kept:
-        raise UserInputError(
-            "no QUERY image could be read (each one is skipped above); replace them or give other images"
-        )
+    if not kept:  # images that passed the header check but could not be decoded (--skip-bad)
+        raise UserInputError(NO_READABLE_QUERY)
     if head.transductive and len(kept) < 2:
         raise UserInputError(
             f"--head {args.head} needs 2 or more readable QUERY images, got {len(kept)}; give more "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -98,8 +99,6 @@ def written_by_eval(path: str | os.PathLike[str], kind: str) -> bool:
                 return False
             with open(path, "rb") as f:
                 return _PLOT_MARK.encode() in f.read()
-        import json
-
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
     except (OSError, ValueError):

@@ -33,6 +33,8 @@ from .heads import HEADS, Head, build_head, create_head, head_spec
 
 FORMAT_VERSION = 1
 KIND = "protonets.FewShotClassifier"
+#: The label of queries below `threshold` (the `unknown_label` default).
+UNKNOWN_LABEL = "unknown"
 
 
 def _is_embedding_array(X: Any) -> bool:
@@ -113,7 +115,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         feature_transform: str | None = None,
         scale: float | None = None,
         threshold: float | None = None,
-        unknown_label: Any = "unknown",
+        unknown_label: Any = UNKNOWN_LABEL,
         batch_size: int = 32,
         num_workers: int = 2,
         device: str = "cpu",

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     device, support, labels, queries = check_inputs(args, support, labels, queries)
     if not queries:
         raise UserInputError(NO_READABLE_QUERY)
-    from ..classifier import FewShotClassifier
+    from ..classifier import UNKNOWN_LABEL, FewShotClassifier
 
     head = HEADS[args.head]
     if head.transductive and len(queries) < 2:
@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
             f"--head {args.head} is transductive: it needs 2 or more QUERY images (its unlabelled "
             f"batch), got {len(queries)}; pass more queries or use an inductive head such as prototype"
         )
-    if args.threshold is not None and "unknown" in set(map(str, labels)):
+    if args.threshold is not None and UNKNOWN_LABEL in set(map(str, labels)):
         raise UserInputError(
-            f"support class 'unknown' in '{args.support}' has the name --threshold gives to the "
+            f"support class '{UNKNOWN_LABEL}' in '{args.support}' has the name --threshold gives to the "
             "queries it rejects; rename that folder"
         )
     if head.assumes_balanced_queries:

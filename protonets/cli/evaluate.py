@@ -142,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
     from protonets.eval.meta import MetaEpisodes, is_meta_checkpoint
     from protonets.eval.run import embed_dataset
 
+    if args.dirichlet_alpha is not None and args.query_balance != "dirichlet":
+        raise UserInputError("--dirichlet-alpha applies to --query-balance dirichlet; add that or drop it")
+    if args.dirichlet_alpha is None:
+        args.dirichlet_alpha = DEFAULT_DIRICHLET_ALPHA
     if args.embeddings is not None:
         return run_from_embeddings(args)
     if args.data is None:
@@ -215,10 +219,6 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from protonets.eval.protocol import checkpoint_folder
     from protonets.heads import HEADS
 
-    if args.dirichlet_alpha is not None and args.query_balance != "dirichlet":
-        raise UserInputError("--dirichlet-alpha applies to --query-balance dirichlet; add that or drop it")
-    if args.dirichlet_alpha is None:
-        args.dirichlet_alpha = DEFAULT_DIRICHLET_ALPHA
     if args.head_checkpoint and not any(HEADS[m].checkpoint_hint for m in args.method if m in HEADS):
         raise UserInputError(
             f"--head-checkpoint '{args.head_checkpoint}' is for a trained head "

@@ -18,9 +18,11 @@ class ShiftedQueries:
     Results are class-major, `[E, N, Q]`: per-query reductions over classes then run along
     contiguous rows of queries."""
 
-    def __init__(self, query: torch.Tensor, shift: torch.Tensor) -> None:
+    def __init__(self, query: torch.Tensor, shift: torch.Tensor, moved: torch.Tensor | None = None) -> None:
+        """`moved`: q·shift `[E, Q]` where the caller has it (else one more pass over q)."""
         self.query, self.shift = query, shift
-        moved = (query @ shift.transpose(-1, -2)).squeeze(-1)  # q·shift, [E, Q]
+        if moved is None:
+            moved = (query @ shift.transpose(-1, -2)).squeeze(-1)
         squared = torch.linalg.vector_norm(query, dim=-1).square() + 2 * moved + shift.pow(2).sum(-1)
         self.norm = squared.clamp_min(0).sqrt().unsqueeze(-2)  # ‖q + shift‖, [E, 1, Q]
 
@@ -28,10 +30,11 @@ class ShiftedQueries:
         """(q + shift)·c, `[E, N, Q]` for centres `[E, N, D]`."""
         return (centres @ self.query.transpose(-1, -2)).add_((centres * self.shift).sum(-1, keepdim=True))
 
-    def cosine(self, centres: torch.Tensor) -> torch.Tensor:
-        """cos(q + shift, c), `[E, N, Q]`, with F.normalize's floor on the norms."""
+    def cosine(self, centres: torch.Tensor, dot: torch.Tensor | None = None) -> torch.Tensor:
+        """cos(q + shift, c), `[E, N, Q]`, with F.normalize's floor on the norms; `dot`: the
+        caller's `self.dot(centres)`, if it has it."""
         scale = self.norm.clamp_min(1e-12) * _norms(centres).unsqueeze(-1)
-        return self.dot(centres).div_(scale)
+        return (self.dot(centres) if dot is None else dot).div_(scale)
 
     def squared_distances(self, centres: torch.Tensor) -> torch.Tensor:
         """‖q + shift − c‖², `[E, N, Q]`."""
@@ -59,12 +62,16 @@ def rectify(
     queries nor the support–query concatenation are written out: a few passes over each input.
     Everything small is class-major (`[E, N, S + Q]`), so the softmax runs along rows.
     """
-    queries = ShiftedQueries(query, support.mean(-2, keepdim=True) - query.mean(-2, keepdim=True))
+    shift = support.mean(-2, keepdim=True) - query.mean(-2, keepdim=True)  # [E, 1, D]
     prototypes = compute_prototypes(support, labels, n_way)
-    support_cos = (prototypes @ support.transpose(-1, -2)) / (
+    # one pass over the queries for both q·p and q·shift: [E, N + 1, Q]
+    to_query = torch.cat([prototypes, shift], -2) @ query.transpose(-1, -2)
+    queries = ShiftedQueries(query, shift, moved=to_query[:, n_way])
+    support_cos = (prototypes @ support.transpose(-1, -2)).div_(
         _norms(prototypes).unsqueeze(-1) * _norms(support).unsqueeze(-2)
     )  # [E, N, S]
-    query_cos = queries.cosine(prototypes)  # [E, N, Q]
+    query_dot = to_query[:, :n_way].add_((prototypes * shift).sum(-1, keepdim=True))  # (q + shift)·p
+    query_cos = queries.cosine(prototypes, dot=query_dot)  # [E, N, Q]
     classes = torch.arange(n_way, device=labels.device).view(1, -1, 1)
     nearest = query_cos == query_cos.amax(-2, keepdim=True)  # argmax over dim -2 is slow on a CPU
     if nearest.sum(-2).ne(1).any():  # a tie (or NaN): the first nearest class, as argmax picks

@@ -53,7 +53,7 @@ def test_classify_table_and_csv(capsys, support):
     code, out, _ = _run(capsys, "classify", support, query, "--quiet", "--workers", "0")
     assert code == 0 and "lotus" in out.splitlines()[2]
     code, out, _ = _run(capsys, "classify", support, query, "--format", "csv", "--quiet")
-    assert code == 0 and out.splitlines()[0] == "query,label,probability,top_k"
+    assert code == 0 and out.splitlines()[0].startswith("query,label,probability,top_1,top_1_probability,")
 
 
 def _one_line_error(code, err, fragment):

@@ -290,6 +290,25 @@ def test_table_escapes_control_characters_and_json_csv_stay_exact():
     assert list(csv.reader(io.StringIO(out.getvalue())))[1][1] == name
 
 
+def test_csv_gives_each_ranked_class_its_own_cells_whatever_the_names():
+    import csv
+
+    from protonets.cli.common import write_rows
+
+    odd = ["a;b:0.5", 'c,"d"', "e\nf"]
+    rows = [
+        {"query": "q1.jpg", "label": odd[0], "score": 0.9, "top_k": [[odd[0], 0.9], [odd[1], 0.25], [odd[2], 0.125]]},  # noqa: E501
+        {"query": "q2.jpg", "label": odd[1], "score": 0.8, "top_k": [[odd[1], 0.8]]},  # fewer ranks
+    ]
+    out = io.StringIO()
+    write_rows(rows, "csv", out, value="score")
+    table = list(csv.reader(io.StringIO(out.getvalue())))
+    ranked = ["top_1", "top_1_score", "top_2", "top_2_score", "top_3", "top_3_score"]
+    assert table[0] == ["query", "label", "score", *ranked]
+    assert table[1][3::2] == odd and table[1][4::2] == ["0.9000", "0.2500", "0.1250"]
+    assert table[2][3:5] == [odd[1], "0.8000"] and table[2][5:] == ["", "", "", ""]
+
+
 # -- 4: folders read as users expect --------------------------------------------------------------
 def test_support_folders_are_read_recursively_and_bad_links_reported(tmp_path, caplog):
     from protonets.cli.common import class_images, support_folder

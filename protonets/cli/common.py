@@ -189,17 +189,24 @@ def printable(text: Any) -> str:
 def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, value: str = "probability") -> None:
     """Per-query results (`query`, `label`, `value`, `top_k`) as a table, JSON or CSV.
 
-    JSON and CSV hold names exactly; the table escapes control characters in them.
+    JSON and CSV hold names exactly (CSV: columns top_1, top_1_<value>, top_2, ...); the table
+    escapes control characters in them.
     """
     if fmt == "json":
         json.dump(rows, out, indent=2)
         out.write("\n")
-    elif fmt == "csv":
+    elif fmt == "csv":  # a column per ranked class and per value: any name reads back exactly
         writer = csv.writer(out)
-        writer.writerow(["query", "label", value, "top_k"])
+        ranks = max((len(r["top_k"]) for r in rows), default=0)
+        header = ["query", "label", value]
+        for i in range(1, ranks + 1):
+            header += [f"top_{i}", f"top_{i}_{value}"]
+        writer.writerow(header)
         for r in rows:
-            top = ";".join(f"{c}:{v:.4f}" for c, v in r["top_k"])
-            writer.writerow([r["query"], r["label"], f"{r[value]:.4f}", top])
+            cells = [r["query"], r["label"], f"{r[value]:.4f}"]
+            for c, v in r["top_k"]:
+                cells += [c, f"{v:.4f}"]
+            writer.writerow(cells + [""] * (len(header) - len(cells)))
     else:
         header = "prob" if value == "probability" else value
         shown = [(printable(r["query"]), printable(r["label"])) for r in rows]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import os
@@ -10,7 +9,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from .defaults import BUNDLED_WEIGHTS, DEFAULT_ENCODER
-from .errors import UserInputError
+from .errors import UserInputError, did_you_mean
 
 if TYPE_CHECKING:  # torch, timm and the model code are imported when a model is built
     import torch
@@ -25,8 +24,7 @@ def _check_model_name(name: str) -> None:
 
     if timm.is_model(name):
         return
-    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    hint = did_you_mean(name, timm.list_models(), n=5) or "; see timm.list_models()"
     raise UserInputError(f"unknown timm model '{name}'{hint}")
 
 

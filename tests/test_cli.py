@@ -217,3 +217,19 @@ def test_classify_refuses_a_support_class_named_like_rejected_queries(tmp_path, 
     assert code == 2 and "support class 'unknown'" in err and "rename that folder" in err
     code, _, _ = _run(capsys, "classify", support, support / "b", *FAST)  # no threshold: a class like any
     assert code == 0
+
+
+def test_a_mistyped_choice_or_head_name_is_answered_with_the_closest_one(capsys):
+    from protonets.encoders.errors import UserInputError
+    from protonets.heads import create_head
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--method", "bdcspn", "--dataset", "omniglot", "--data", "x"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "invalid choice: 'bdcspn'" in err and "did you mean 'bd-cspn'?" in err
+    with pytest.raises(SystemExit):
+        main(["classify", "--head", "zzzz", "a", "b"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
+    with pytest.raises(UserInputError, match="did you mean 'laplacianshot'"):
+        create_head("laplaceshot")

@@ -12,7 +12,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 
-from protonets.encoders.errors import UserInputError
+from protonets.encoders.errors import UserInputError, did_you_mean
 
 #: Sub-commands: name -> (module inside protonets.cli with `add_parser(sub, summary)` and
 #: `run(args)`, the one-line summary `protonets --help` lists).
@@ -28,6 +28,13 @@ COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `protonets CMD: error: ... (see 'protonets CMD --help')`."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        """argparse's check of `choices`, naming the closest choice to a mistyped value."""
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(repr(c) for c in action.choices)
+            hint = did_you_mean(str(value), action.choices)
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices}){hint}")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         message = " ".join(message.split())

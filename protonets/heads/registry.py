@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protonets.encoders.errors import UserInputError
+from protonets.encoders.errors import UserInputError, did_you_mean
 
 if TYPE_CHECKING:
     from .base import Head
@@ -96,7 +96,8 @@ def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
 def head_spec(name: str) -> HeadSpec:
     """The registry line of `name`; an unknown name is a UserInputError listing the choices."""
     if name not in _REGISTRY:
-        raise UserInputError(f"unknown head '{name}'; choose one of {', '.join(sorted(_REGISTRY))}")
+        choices = ", ".join(sorted(_REGISTRY))
+        raise UserInputError(f"unknown head '{name}'; choose one of {choices}{did_you_mean(name, _REGISTRY)}")
     return _REGISTRY[name]
 
 

@@ -233,3 +233,21 @@ def test_a_mistyped_choice_or_head_name_is_answered_with_the_closest_one(capsys)
     assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
     with pytest.raises(UserInputError, match="did you mean 'laplacianshot'"):
         create_head("laplaceshot")
+
+
+def test_support_folder_warns_of_one_image_in_two_classes(support, caplog):
+    import logging
+
+    from protonets.cli.common import support_folder
+
+    lotus = sorted((support / "lotus").iterdir())[0]
+    shutil.copy(lotus, support / "lotus" / "again.jpg")  # twice in its own class: not a conflict
+    with caplog.at_level(logging.WARNING, logger="protonets.cli"):
+        support_folder(str(support))
+    assert not caplog.records
+    shutil.copy(lotus, support / "menorah" / "copy.jpg")
+    with caplog.at_level(logging.WARNING, logger="protonets.cli"):
+        support_folder(str(support))
+    [record] = caplog.records
+    assert "in two classes" in record.getMessage() and "menorah" in record.getMessage()
+    assert "copy.jpg" in record.getMessage()

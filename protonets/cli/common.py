@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -155,7 +156,40 @@ def support_folder(root: str, skip_bad: bool = False) -> tuple[list[str], list[s
         raise UserInputError(
             f"support folder '{root}' needs at least 2 class sub-folders of images, found {found}"
         )
+    warn_shared_images(paths, labels)
     return paths, labels
+
+
+def warn_shared_images(paths: list[str], labels: list[str]) -> None:
+    """Warn when one image (the same bytes) is a support example of two classes: a query like
+    it cannot be told apart, and the classes' prototypes are pulled together."""
+    by_size: dict[int, list[int]] = {}
+    for i, path in enumerate(paths):
+        try:
+            by_size.setdefault(os.path.getsize(path), []).append(i)
+        except OSError:  # unreadable files are reported where they are read
+            continue
+    first: dict[bytes, int] = {}
+    shared = []
+    for group in (g for g in by_size.values() if len(g) > 1):
+        for i in group:
+            try:
+                with open(paths[i], "rb") as f:
+                    digest = hashlib.sha256(f.read()).digest()
+            except OSError:
+                continue
+            j = first.setdefault(digest, i)
+            if j != i and labels[j] != labels[i]:
+                shared.append((j, i))
+    if shared:
+        shown = "; ".join(f"'{paths[j]}' ({labels[j]}) = '{paths[i]}' ({labels[i]})" for j, i in shared[:3])
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        log.warning(
+            "%d support image(s) are in two classes: %s%s; remove the copy from the wrong class",
+            len(shared),
+            shown,
+            more,
+        )
 
 
 def query_paths(queries: list[str], skip_bad: bool = False) -> list[str]:

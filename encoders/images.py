@@ -188,10 +188,13 @@ def list_images(folder: str | os.PathLike[str]) -> list[str]:
     return [os.path.join(folder, name) for name in sorted(names)]
 
 
-def walk_images(folder: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+def walk_images(
+    folder: str | os.PathLike[str], within: str | os.PathLike[str] | None = None
+) -> tuple[list[str], list[str]]:
     """Image files under a folder, searched recursively (sorted per folder, hidden names left
     out, symlinked folders followed), and the problems met: broken symlinks, symlink loops and
-    unreadable folders, one sentence each naming the path."""
+    unreadable folders, one sentence each naming the path. `within`: a folder above `folder`
+    (a support folder above its class folder) that a symlink leading back to is a loop too."""
     images: list[str] = []
     problems: list[str] = []
 
@@ -217,5 +220,5 @@ def walk_images(folder: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
             elif os.path.islink(child):
                 problems.append(f"'{child}' is a broken symlink or a symlink loop")
 
-    visit(os.fspath(folder), frozenset())
+    visit(os.fspath(folder), frozenset() if within is None else frozenset({os.path.realpath(within)}))
     return images, problems

@@ -251,3 +251,18 @@ def test_support_folder_warns_of_one_image_in_two_classes(support, caplog):
     [record] = caplog.records
     assert "in two classes" in record.getMessage() and "menorah" in record.getMessage()
     assert "copy.jpg" in record.getMessage()
+
+
+def test_a_symlink_from_a_class_folder_up_to_the_support_folder_is_a_loop(support, caplog):
+    import logging
+
+    from protonets.cli.common import support_folder
+    from protonets.encoders.errors import UserInputError
+
+    (support / "lotus" / "up").symlink_to("..")  # would read every other class into lotus
+    with pytest.raises(UserInputError, match=r"lotus/up' is a symlink loop \(it leads back to '.*support'\)"):
+        support_folder(str(support))
+    with caplog.at_level(logging.WARNING, logger="protonets.cli"):
+        paths, labels = support_folder(str(support), skip_bad=True)
+    assert not [p for p, label in zip(paths, labels) if label == "lotus" and "/up/" in p]
+    assert len(caplog.records) == 1 and "skipped" in caplog.records[0].getMessage()

@@ -128,12 +128,13 @@ def class_images(root: str, skip_bad: bool = False) -> tuple[list[str], list[str
             if os.path.islink(folder):
                 _bad([f"'{folder}' is a broken symlink or a symlink loop"], skip_bad)
             continue
-        images, problems = walk_images(folder)
+        images, problems = walk_images(folder, within=root)  # a link up to root: a loop
         _bad(problems, skip_bad)
         if not images:
             raise UserInputError(f"class folder '{folder}' holds no images; add some or remove it")
         paths += images
         labels += [name] * len(images)
+    warn_shared_images(paths, labels)
     return paths, labels
 
 
@@ -156,7 +157,6 @@ def support_folder(root: str, skip_bad: bool = False) -> tuple[list[str], list[s
         raise UserInputError(
             f"support folder '{root}' needs at least 2 class sub-folders of images, found {found}"
         )
-    warn_shared_images(paths, labels)
     return paths, labels
 
 

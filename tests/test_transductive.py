@@ -204,7 +204,9 @@ def test_knn_graph_marks_each_querys_nearest_neighbours(running_min, monkeypatch
     from protonets.heads import laplacianshot
     from protonets.heads.laplacianshot import knn_graph
 
-    if not running_min:  # the topk path that large episodes and other devices take
+    if running_min:
+        monkeypatch.setattr(laplacianshot, "RUNNING_MIN_EPISODES", 1)
+    else:  # the topk path that large episodes, small batches and other devices take
         monkeypatch.setattr(laplacianshot, "RUNNING_MIN_QUERIES", 0)
     x = torch.randn(3, 9, 5, generator=torch.Generator().manual_seed(2))
     for k in (1, 3, 8, 12):  # 12 > Q - 1: every other query
@@ -217,8 +219,11 @@ def test_knn_graph_marks_each_querys_nearest_neighbours(running_min, monkeypatch
             torch.testing.assert_close(graph[e], expected)
 
 
-def test_knn_graph_gives_exactly_k_neighbours_when_distances_tie():
+def test_knn_graph_gives_exactly_k_neighbours_when_distances_tie(monkeypatch):
+    from protonets.heads import laplacianshot
     from protonets.heads.laplacianshot import knn_graph
+
+    monkeypatch.setattr(laplacianshot, "RUNNING_MIN_EPISODES", 1)  # the running-min path's ties
 
     x = torch.randn(4, 10, 6, generator=torch.Generator().manual_seed(5))
     x[1, 5] = x[1, 2]  # duplicates tie at every other query's distance

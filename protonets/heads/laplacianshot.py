@@ -17,19 +17,20 @@ def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
     """Affinities `[E, Q, Q]`: W[i, j] = 1 if j is among the k nearest neighbours of i (not i).
     A constant of the inputs (no gradient flows through it).
 
-    On the CPU, for up to `RUNNING_MIN_QUERIES` queries, built as Wᵀ (column i marks the
-    neighbours of i) without a per-row `topk`, whose cost is per row: the k smallest distances
-    of every column are kept by a running min/max over the rows (2k − 1 elementwise ops a row,
-    vectorised over episodes and columns), then one comparison with the k-th. An episode whose
-    count is not exactly k (a tie at that distance, as duplicate queries give, or NaN) is ranked
-    again by `topk`, as are larger episodes and other devices (one kernel there).
+    On the CPU, for up to `RUNNING_MIN_QUERIES` queries and batches of `RUNNING_MIN_EPISODES`
+    episodes or more, built as Wᵀ (column i marks the neighbours of i) without a per-row `topk`,
+    whose cost is per row: the k smallest distances of every column are kept by a running
+    min/max over the rows (2k − 1 elementwise ops a row, vectorised over episodes and columns),
+    then one comparison with the k-th. An episode whose count is not exactly k (a tie at that
+    distance, as duplicate queries give, or NaN) is ranked again by `topk`, as are larger
+    episodes, small batches and other devices (one kernel there).
     """
     k = min(k, x.shape[-2] - 1)
     x = x.detach()
     # column i: ‖x_j‖² − 2 x_j·x_i, the distances from x_i less ‖x_i‖², which the column shares
     dist = torch.baddbmm(x.pow(2).sum(-1).unsqueeze(-1), x, x.transpose(-1, -2), alpha=-2)
     dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    if x.device.type != "cpu" or x.shape[-2] > RUNNING_MIN_QUERIES:
+    if x.device.type != "cpu" or x.shape[-2] > RUNNING_MIN_QUERIES or x.shape[0] < RUNNING_MIN_EPISODES:
         return _topk_graph(dist, k)
     smallest = [torch.full_like(dist[:, 0], float("inf")) for _ in range(k)]  # ascending, [E, Q]
     for row in dist.unbind(-2):
@@ -45,6 +46,7 @@ def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 RUNNING_MIN_QUERIES = 512  # above this, one topk over [E, Q, Q] is the faster on a CPU
+RUNNING_MIN_EPISODES = 16  # below this, too: the loop's 2k − 1 ops a row cost per call, not per episode
 
 
 def _topk_graph(dist: torch.Tensor, k: int) -> torch.Tensor:

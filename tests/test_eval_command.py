@@ -145,3 +145,35 @@ def test_eval_options_that_would_be_ignored_are_refused(embedded, tmp_path, caps
     assert "--dirichlet-alpha applies to --query-balance dirichlet" in capsys.readouterr().err
     assert small_eval(embedded, "--method", "prototype", "--head-checkpoint", tmp_path / "nope") == 2
     assert "no --method here is one" in capsys.readouterr().err
+
+
+def test_head_checkpoint_gives_each_trained_method_its_own_folder(embedded, tmp_path, capsys):
+    from protonets.cli.evaluate import head_checkpoints
+    from protonets.encoders.errors import UserInputError
+
+    both = head_checkpoints(["feat=/a", "relation=/b=c"], ["feat", "relation"])
+    assert both == {"feat": "/a", "relation": "/b=c"}
+    assert head_checkpoints(["/x=y", "feat=/a"], ["feat", "siamese"]) == {"": "/x=y", "feat": "/a"}
+    for values, said in [
+        (["relation=/b"], "'relation' is not among --method"),
+        (["/a", "/b"], "two folders"),
+        (["feat=/a", "feat=/b"], "method 'feat' two folders"),
+        (["feat="], "names no folder"),
+    ]:
+        with pytest.raises(UserInputError, match=said):
+            head_checkpoints(values, ["feat"])
+    # each method is sent to its own folder: the one that is missing is named
+    assert (
+        small_eval(
+            embedded,
+            "--method",
+            "feat",
+            "siamese",
+            "--head-checkpoint",
+            f"feat={tmp_path / 'no-feat'}",
+            f"siamese={tmp_path / 'no-siamese'}",
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "no-feat" in err and len(err.strip().splitlines()) == 1

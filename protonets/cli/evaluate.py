@@ -90,9 +90,12 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     )
     p.add_argument(
         "--head-checkpoint",
+        nargs="+",
         default=None,
-        help="trained head folder for a method that needs one: --method siamese takes a Siamese "
-        "checkpoint folder (else $PROTONETS_SIAMESE_HEAD)",
+        metavar="[METHOD=]DIR",
+        help="trained head folder for the methods that need one (siamese: a Siamese checkpoint "
+        "folder, else $PROTONETS_SIAMESE_HEAD); METHOD=DIR gives one method its own folder, as in "
+        "--method feat relation --head-checkpoint feat=DIR1 relation=DIR2",
     )
     p.add_argument(
         "--maml-steps",
@@ -219,17 +222,44 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from protonets.eval.protocol import checkpoint_folder
     from protonets.heads import HEADS
 
-    if args.head_checkpoint and not any(HEADS[m].checkpoint_hint for m in args.method if m in HEADS):
+    folders = head_checkpoints(args.head_checkpoint or [], args.method)
+    if folders and not any(HEADS[m].checkpoint_hint for m in args.method if m in HEADS):
         raise UserInputError(
-            f"--head-checkpoint '{args.head_checkpoint}' is for a trained head "
+            f"--head-checkpoint '{' '.join(args.head_checkpoint)}' is for a trained head "
             f"({', '.join(sorted(n for n, h in HEADS.items() if h.checkpoint_hint))}), and no --method "
             "here is one; drop it or add that method"
         )
     named = {"knn": {"k": args.knn_k}, "maml": {"steps": args.maml_steps}}
-    options = {m: {"head_checkpoint": args.head_checkpoint, **named.get(m, {})} for m in args.method}
+    options = {m: {"head_checkpoint": folders.get(m, folders.get("")), **named.get(m, {})} for m in args.method}  # noqa: E501
     for method in args.method:  # a trained head without its folder: refuse before embedding
-        checkpoint_folder(method, args.head_checkpoint)
+        checkpoint_folder(method, options[method]["head_checkpoint"])
     return options
+
+
+def head_checkpoints(values: list[str], methods: list[str]) -> dict[str, str]:
+    """--head-checkpoint's `[METHOD=]DIR` values -> {method: DIR}, "" for the one bare DIR that
+    the methods without their own take. `METHOD=` counts only for a method name (a folder may
+    hold '=')."""
+    from protonets.encoders.errors import UserInputError
+    from protonets.heads import HEADS
+
+    folders: dict[str, str] = {}
+    for value in values:
+        method, sep, directory = value.partition("=")
+        if not (sep and method in HEADS):
+            method, directory = "", value
+        elif method not in methods:
+            raise UserInputError(
+                f"--head-checkpoint {value}: '{method}' is not among --method ({' '.join(methods)}); "
+                "add it there or drop this folder"
+            )
+        if not directory:
+            raise UserInputError(f"--head-checkpoint {value!r} names no folder")
+        if method in folders:
+            which = f"method '{method}'" if method else "the methods without METHOD=DIR"
+            raise UserInputError(f"--head-checkpoint gives {which} two folders; give one")
+        folders[method] = directory
+    return folders
 
 
 def _evaluate_and_report(

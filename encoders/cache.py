@@ -1,16 +1,16 @@
 """On-disk embedding cache: each image is embedded once per encoder fingerprint.
 
 Layout: `ROOT/<fingerprint id>/` is a bundle (see `atomic.py`): `embeddings-<sha>.npy` (float32
-`[rows, D]`, memory-mapped on read), `rows-<sha>.json` with, per image key, its row, file size and
-mtime, and `manifest.json` with the fingerprint (format 1 kept the rows in the manifest; it is
-still read). Keeping the rows out of the manifest makes its checksum cheap to verify. A changed
-file (size or mtime) is embedded again; a damaged cache (checksum mismatch, unreadable manifest)
-is reported, removed and rebuilt, never used. Processes sharing a cache add rows under an
-exclusive lock (`ROOT/<fingerprint id>.lock`), each on top of what the others saved, so concurrent
-runs never drop each other's embeddings. `ROOT/fingerprints/<key>.json` remembers an encoder's
-fingerprint and width by the weights files' path, size and mtime (plus model name, options and
-library versions), so a run whose images are all cached builds no model at all
-(`create_encoder(lazy=True)`).
+`[rows, D]`, memory-mapped on read), `rows-<sha>.json` with, per image key, its row and file
+signature (size, mtime, ctime, inode), and `manifest.json` with the fingerprint (format 1 kept
+the rows in the manifest; it is still read). Keeping the rows out of the manifest makes its
+checksum cheap to verify. A changed file (any part of its signature) is embedded again; a
+damaged cache (checksum mismatch, unreadable manifest) is reported, removed and rebuilt, never
+used. Processes sharing a cache add rows under an exclusive lock (`ROOT/<fingerprint id>.lock`),
+each on top of what the others saved, so concurrent runs never drop each other's embeddings.
+`ROOT/fingerprints/<key>.json` remembers an encoder's fingerprint and width by the weights
+files' path and signature (plus model name, options and library versions), so a run whose images
+are all cached builds no model at all (`create_encoder(lazy=True)`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from .atomic import load_bundle, save_bundle, write_json_atomically
 from .encoder import Encoder
 from .errors import UserInputError
-from .images import ImageItem, as_item, check_images
+from .images import ImageItem, as_item, check_images, file_signature
 
 try:
     import fcntl
@@ -78,7 +78,7 @@ def known_fingerprint(
 def remember_fingerprint(
     key: dict[str, Any], fingerprint: dict[str, Any], dim: int, root: str | os.PathLike[str] | None = None
 ) -> None:
-    """Remember an encoder's fingerprint and width under `key` (weights files' path, size, mtime …)."""
+    """Remember an encoder's fingerprint and width under `key` (weights files' path and signature …)."""
     path = _fingerprint_path(root, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,12 +95,11 @@ def forget_fingerprint(key: dict[str, Any], root: str | os.PathLike[str] | None 
 
 
 def _stat_key(item: ImageItem, seen: dict[str, tuple[str, list[int]]] | None = None) -> tuple[str, list[int]]:
-    """(cache key, [size, mtime_ns]) of an image; `seen` memoises per path (rotations share a file)."""
+    """(cache key, `file_signature`) of an image; `seen` memoises per path (rotations share a file)."""
     known = seen.get(item.path) if seen is not None else None
     if known is None:
         path = os.path.abspath(item.path)
-        st = os.stat(path)
-        known = (path, [st.st_size, st.st_mtime_ns])
+        known = (path, file_signature(os.stat(path)))
         if seen is not None:
             seen[item.path] = known
     path, stat = known
@@ -116,7 +115,7 @@ class EmbeddingCache:
         self.directory = self.root / encoder.fingerprint_id
         self.hits = 0
         self.misses = 0
-        self._rows: dict[str, list[int]] = {}  # key -> [row, size, mtime_ns]
+        self._rows: dict[str, list[int]] = {}  # key -> [row, *file_signature]
         self._array: np.ndarray | None = None
         self._load()
 

@@ -224,7 +224,7 @@ def create_encoder(
     - `pretrained=False`: random initialisation.
 
     lazy: when the weights are local files (a checkpoint, the bundled weights) whose fingerprint
-        is remembered for their path, size and mtime (under `fingerprint_cache`, default: the
+        is remembered for their path and file signature (under `fingerprint_cache`, default: the
         embedding cache's folder), return a `LazyEncoder` that builds the model only on first
         use; a warm embedding cache then needs no model at all. Otherwise the model is built now
         and its fingerprint remembered.
@@ -264,8 +264,9 @@ def create_encoder(
 
 
 def _file_stat(path: str) -> list[Any]:
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    from .images import file_signature
+
+    return [os.path.abspath(path), *file_signature(os.stat(path))]
 
 
 def _weights_key(
@@ -275,8 +276,8 @@ def _weights_key(
     preprocessing: dict[str, Any] | None,
     model_kwargs: dict[str, Any],
 ) -> dict[str, Any] | None:
-    """What a model's fingerprint depends on, read without building it: the weights files' path,
-    size and mtime, the model name and options, and the library versions; None when the weights
+    """What a model's fingerprint depends on, read without building it: the weights files' path
+    and `file_signature`, the model name and options, and the library versions; None when the weights
     are not local files (hub downloads, random initialisation)."""
     import importlib.util
     from importlib.metadata import PackageNotFoundError, version

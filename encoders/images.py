@@ -35,6 +35,14 @@ class ImageItem:
         return self.path if self.rotation == 0 else f"{self.path}#rot{self.rotation:03d}"
 
 
+def file_signature(st: os.stat_result) -> list[int]:
+    """What says a file is unchanged since it was last read: size, mtime, ctime and inode. The
+    ctime catches a file rewritten with its old size and mtime put back (`cp -p`, `rsync -t`,
+    unpacking an archive), which size and mtime alone miss; a needless change (chmod, a move)
+    costs a recomputation, never a stale answer."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def as_item(source: str | os.PathLike[str] | ImageItem) -> ImageItem:
     """Turn a path or ImageItem into an ImageItem with a string path."""
     if isinstance(source, ImageItem):

@@ -32,7 +32,7 @@ from .distributed import World, all_gather, all_ranks_agree, barrier, broadcast
 from .embedding_set import DATA_FILE, KIND, save_embedding_set
 from .encoder import Encoder
 from .errors import UserInputError
-from .images import ImageItem, check_images
+from .images import ImageItem, check_images, file_signature
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -188,14 +188,13 @@ def check_output(output: str, key: str, fingerprint: dict[str, Any], signature: 
 
 
 def files_digest(items: Sequence[ImageItem]) -> str:
-    """16 hex digits over each image file's (size, mtime_ns): a chunk embedded from files that
+    """16 hex digits over each image file's `file_signature`: a chunk embedded from files that
     were replaced since (an image edited or copied over between a stop and a restart) is not
     reused. `stat` alone, no file is read; a file that is gone counts as changed."""
     digest = hashlib.sha256()
     for item in items:
         try:
-            st = os.stat(item.path)
-            digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+            digest.update(f"{file_signature(os.stat(item.path))}\n".encode())
         except OSError:
             digest.update(b"gone\n")
     return digest.hexdigest()[:16]

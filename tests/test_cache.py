@@ -66,6 +66,22 @@ def test_changed_file_is_embedded_again(tmp_path, images):
     torch.testing.assert_close(out[0], enc.embed(images[:1], num_workers=0, progress=False).embeddings[0])
 
 
+def test_a_file_rewritten_with_its_old_size_and_mtime_put_back_is_embedded_again(tmp_path, images):
+    """As `cp -p` or unpacking an archive leaves it: other bytes, the same size and mtime."""
+    enc = _encoder()
+    EmbeddingCache(enc, tmp_path / "cache").embed(images, num_workers=0, progress=False)
+    other = min(images[1:], key=lambda p: p.stat().st_size)
+    stat = images[0].stat()
+    padding = stat.st_size - other.stat().st_size  # bytes after a JPEG's end are not read
+    images[0].write_bytes(other.read_bytes() + b"\0" * padding)
+    os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (images[0].stat().st_size, images[0].stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    cache = EmbeddingCache(enc, tmp_path / "cache")
+    out = cache.embed(images, num_workers=0, progress=False)
+    assert cache.misses == 1
+    torch.testing.assert_close(out[0], out[images.index(other)])
+
+
 def test_other_encoder_gets_its_own_entries(tmp_path, images):
     a, b = _encoder(0), _encoder(1)
     ea = EmbeddingCache(a, tmp_path / "cache").embed(images, num_workers=0, progress=False)

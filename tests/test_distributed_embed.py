@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from protonets.cli import main
-from tests.test_embed import FAST, OTHER_CHECKPOINT, make_dataset, spoil
+from tests.test_embed import FAST, OTHER_CHECKPOINT, make_dataset, spoil, watch_opened_images
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PROTONETS_DIST_TIMEOUT": "120"}
@@ -127,10 +127,12 @@ def test_different_encoders_on_two_nodes_stop_with_one_line(data, tmp_path):
     assert not out.exists()
 
 
-def test_a_killed_rank_is_resumed_embedding_only_the_missing_chunks(data, reference, tmp_path, capsys):
-    """Rank 1 dies after its first chunk; torchrun stops rank 0. The images of every chunk that
-    was written are then made unreadable: a second run succeeds only if it reuses those chunks,
-    and gives the single-process set; a single process (another world size) reuses them too."""
+def test_a_killed_rank_is_resumed_embedding_only_the_missing_chunks(
+    data, reference, tmp_path, capsys, monkeypatch
+):
+    """Rank 1 dies after its first chunk; torchrun stops rank 0. A second run reuses the chunks
+    that were written and gives the single-process set; a single process (another world size)
+    reuses them too, opening none of their images."""
     from protonets.encoders.sharded import KILL_HOOK
 
     capsys.readouterr()
@@ -141,9 +143,7 @@ def test_a_killed_rank_is_resumed_embedding_only_the_missing_chunks(data, refere
     starts = [int(n.split("-")[2]) for n in chunks]
     assert 6 in starts and 9 not in starts  # rank 1: its first chunk written, its second not
     paths = sorted((data / c / f"{i}.png") for c in "abc" for i in range(4))
-    for start in starts:
-        for row in range(start, start + 3):
-            spoil(paths[row])
+    reused = {str(paths[row]) for start in starts for row in range(start, start + 3)}
     single = tmp_path / "single"
     os.system(f"cp -r '{out}' '{single}'")
 
@@ -153,8 +153,10 @@ def test_a_killed_rank_is_resumed_embedding_only_the_missing_chunks(data, refere
     assert_same_set(out, reference)
 
     argv = embed_argv(data, single)[2:]
+    opened = watch_opened_images(monkeypatch)
     assert main(argv) == 0  # one process resumes the two-rank run
     assert f"{len(starts)} of 4 chunks reused" in capsys.readouterr().out
+    assert opened and not reused & set(opened)
     assert_same_set(single, reference)
 
 

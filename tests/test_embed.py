@@ -44,12 +44,26 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 def spoil(path: Path) -> bytes:
-    """Make an image unreadable without changing its size or modification time (so embedding it
-    again would fail, while a chunk of it still counts as current); its old bytes."""
+    """Make an image unreadable without changing its size or modification time; its old bytes."""
     before, stat = path.read_bytes(), path.stat()
     path.write_bytes(b"x" * len(before))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     return before
+
+
+def watch_opened_images(monkeypatch) -> list[str]:  # noqa: ANN001
+    """The paths of the images that embedding opens from now on, in this process (--workers 0)."""
+    from protonets.encoders import encoder
+
+    opened: list[str] = []
+    real = encoder.open_image
+
+    def open_and_note(item):  # noqa: ANN001, ANN202
+        opened.append(os.path.abspath(getattr(item, "path", item)))
+        return real(item)
+
+    monkeypatch.setattr(encoder, "open_image", open_and_note)
+    return opened
 
 
 def one_error_line(err: str) -> str:
@@ -203,9 +217,9 @@ def test_a_set_of_another_dataset_or_encoder_is_refused_and_untouched_and_force_
     assert manifest["count"] == 6 and manifest["class_names"] == ["x", "y"]
 
 
-def test_a_killed_run_resumes_from_its_chunks(data, tmp_path, capsys):
-    """A process killed after two of four chunks: a second run embeds only the other two (the
-    images of the first two are made unreadable in between, so embedding them again would fail)."""
+def test_a_killed_run_resumes_from_its_chunks(data, tmp_path, capsys, monkeypatch):
+    """A process killed after two of four chunks: a second run embeds only the other two (it
+    opens none of the first two chunks' images)."""
     from protonets.encoders.embedding_set import EmbeddingSet
     from protonets.encoders.sharded import KILL_HOOK
 
@@ -227,18 +241,20 @@ def test_a_killed_run_resumes_from_its_chunks(data, tmp_path, capsys):
     assert main(["embed", str(data), "--output", str(out), *other_encoder]) == 2  # not mixed in
     assert "unfinished embedding of another" in one_error_line(capsys.readouterr().err)
 
-    for name in ("a/0.png", "a/1.png", "a/2.png", "a/3.png", "b/0.png", "b/1.png"):  # rows 0-5
-        spoil(data / name)
+    opened = watch_opened_images(monkeypatch)
     assert main(argv) == 0
     assert "(4 chunks, 2 of 4 chunks reused)" in capsys.readouterr().out
+    reused = {str(data / name) for name in ("a/0.png", "a/1.png", "a/2.png", "a/3.png", "b/0.png", "b/1.png")}
+    assert len(opened) == 6 and not reused & set(opened)  # rows 6-11 only
     assert sorted(os.listdir(out)) == ["embeddings.safetensors", "manifest.json"]
     got, want = EmbeddingSet.load(out), EmbeddingSet.load(reference)
     assert got.paths == want.paths and float((got.embeddings - want.embeddings).abs().max()) <= 1e-5
 
 
 def test_images_replaced_between_a_stop_and_a_restart_are_embedded_again(data, tmp_path, capsys):
-    """A chunk is reused only while its images' files are unchanged (size, modification time):
-    an image replaced after the kill is embedded again, not mixed in from the old chunk."""
+    """A chunk is reused only while its images' files are unchanged (size, mtime, ctime, inode):
+    an image replaced after the kill, or rewritten with its old size and mtime put back (as
+    `cp -p` leaves it), is embedded again, not mixed in from the old chunk."""
     from protonets.encoders.embedding_set import EmbeddingSet
     from protonets.encoders.sharded import KILL_HOOK
 
@@ -251,8 +267,12 @@ def test_images_replaced_between_a_stop_and_a_restart_are_embedded_again(data, t
     assert proc.returncode == 137, proc.stderr.decode()[-2000:]  # chunks of rows 0-2 and 3-5 written
     make_dataset(tmp_path / "other", classes="a", per_class=1, seed=7)
     os.replace(tmp_path / "other" / "a" / "0.png", data / "a" / "1.png")  # row 1: another image
+    row4, stat = data / "b" / "0.png", (data / "b" / "0.png").stat()
+    row4.write_bytes(row4.read_bytes())  # rewritten, its mtime put back: only its ctime says so
+    os.utime(row4, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert main(argv) == 0
-    assert "(4 chunks, 1 of 4 chunks reused)" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "(4 chunks)" in out_text and "reused" not in out_text  # both written chunks embedded again
     fresh = tmp_path / "fresh"
     assert main(["embed", str(data), "--output", str(fresh), *FAST]) == 0
     got, want = EmbeddingSet.load(out), EmbeddingSet.load(fresh)

@@ -266,3 +266,23 @@ def test_a_symlink_from_a_class_folder_up_to_the_support_folder_is_a_loop(suppor
         paths, labels = support_folder(str(support), skip_bad=True)
     assert not [p for p, label in zip(paths, labels) if label == "lotus" and "/up/" in p]
     assert len(caplog.records) == 1 and "skipped" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--ways", "1"),
+        ("--val-ways", "1"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--lr-gamma", "0"),
+        ("--weight-decay", "-0.1"),
+    ],
+)
+def test_train_refuses_a_bad_number_as_an_argument_error(capsys, tmp_path, option, value):
+    argv = ["train", "--method", "protonet", "--dataset", "folder", "--data", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output", str(tmp_path / "run"), option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {option}: must be" in err
+    assert not (tmp_path / "run").exists()

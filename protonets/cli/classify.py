@@ -12,6 +12,7 @@ from .common import (
     add_encoder_options,
     check_inputs,
     log,
+    non_negative_float,
     non_negative_int,
     positive_int,
     probability,
@@ -35,13 +36,6 @@ ASSUME_BALANCED = ("bd-cspn", "laplacianshot", "pt-map", "tim")
 NO_READABLE_QUERY = (
     "no QUERY image could be read (each one is skipped above); replace them or give other images"
 )
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:

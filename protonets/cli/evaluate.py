@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Any
@@ -16,21 +15,11 @@ from .common import (
     check_device_and_checkpoint,
     check_output_paths,
     non_negative_int,
+    positive_float,
     positive_int,
 )
 
 DEFAULT_DIRICHLET_ALPHA = 2.0
-
-
-def dirichlet_alpha(text: str) -> float:
-    """argparse type of --dirichlet-alpha: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got '{text}'") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
@@ -75,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     )
     p.add_argument(
         "--dirichlet-alpha",
-        type=dirichlet_alpha,
+        type=positive_float,
         default=None,
         help="Dirichlet concentration for --query-balance dirichlet: smaller is more imbalanced "
         f"(default: {DEFAULT_DIRICHLET_ALPHA})",

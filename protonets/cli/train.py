@@ -13,7 +13,7 @@ from protonets.encoders.distributed import World
 from protonets.encoders.errors import UserInputError
 
 from . import train_heads, train_maml, train_siamese
-from .common import non_negative_int, positive_int
+from .common import at_least_two, non_negative_float, non_negative_int, positive_float, positive_int
 from .train_setup import (
     DEFAULTS,
     check_resumed_method,
@@ -92,21 +92,21 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     g.add_argument("--metric", choices=["euclidean", "cosine"], default=None, help="default: euclidean")
 
     g = p.add_argument_group("episodes (defaults: omniglot 60-way 5-shot 5-query, else 5/5/15)")
-    g.add_argument("--ways", type=positive_int, default=None)
+    g.add_argument("--ways", type=at_least_two, default=None)
     g.add_argument("--shots", type=positive_int, default=None)
     g.add_argument("--queries", type=positive_int, default=None)
     g.add_argument("--episodes", type=positive_int, default=None, help="training episodes (default 10000)")
-    g.add_argument("--val-ways", type=positive_int, default=None, help="default 5")
+    g.add_argument("--val-ways", type=at_least_two, default=None, help="default 5")
     g.add_argument("--val-shots", type=positive_int, default=None, help="default 5")
     g.add_argument("--val-queries", type=positive_int, default=None, help="default 15")
     g.add_argument("--val-episodes", type=positive_int, default=None, help="default 100")
     g.add_argument("--val-every", type=positive_int, default=None, help="episodes between validations (500)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (default 1e-3)")
     g.add_argument("--lr-step", type=positive_int, default=None, help="episodes per decay (default 2000)")
-    g.add_argument("--lr-gamma", type=float, default=None, help="decay factor (default 0.5)")
-    g.add_argument("--weight-decay", type=float, default=None, help="default 0")
+    g.add_argument("--lr-gamma", type=positive_float, default=None, help="decay factor (default 0.5)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default 0")
     g.add_argument("--augment", choices=AUGMENTATIONS, default=None, help="default none")
     g.add_argument("--seed", type=non_negative_int, default=None, help="default 0")
 

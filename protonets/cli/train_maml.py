@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from protonets.maml.train import MetaConfig, MetaTrainer
     from protonets.training import ImageSet, TrainConfig
 
+from .common import non_negative_float
 from .train_setup import frozen_embeddings
 
 __all__ = ["METHODS", "add_train_options", "make_trainer", "meta_config"]
@@ -35,7 +36,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("MAML (--method maml|fomaml|anil; --episodes counts meta-batches)")
     g.add_argument("--meta-batch", type=int, default=None, help="episodes per meta-step (default 32)")
     g.add_argument("--inner-steps", type=int, default=None, help="SGD steps on each support set (1)")
-    g.add_argument("--inner-lr", type=float, default=None, help="their step size (0.4)")
+    g.add_argument("--inner-lr", type=non_negative_float, default=None, help="their step size (0.4)")
     g.add_argument("--eval-inner-steps", type=int, default=None, help="steps when validating (3)")
     g.add_argument("--meta-sgd", action="store_true", help="learn per-parameter inner step sizes")
     g.add_argument("--proto-init", action="store_true", help="Proto-MAML: head starts at the prototypes")

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 from protonets.encoders.atomic import write_atomically, write_json_atomically
+
+
+def _ci(row: dict) -> str:
+    """A row's 95% half-width in points, or n/a (one episode)."""
+    return "n/a" if row["ci95"] is None else f"{100 * row['ci95']:.2f}"
 
 
 def result_row(
@@ -34,7 +40,7 @@ def result_row(
         "episodes": episodes,
         "query_balance": query_balance,
         "accuracy": round(mean, 6),
-        "ci95": round(ci95, 6),
+        "ci95": round(ci95, 6) if math.isfinite(ci95) else None,  # None: one episode, no interval
     }
     if query_balance != "balanced":
         row.update(alpha=alpha, capped_episodes=capped_episodes)
@@ -72,7 +78,7 @@ def markdown_table(results: list[dict[str, Any]], published: dict | None = None)
         line = f"| {r['method']} | {r['ways']} | {r['shots']} | {r['queries']} | {r['episodes']} |"
         if balance:
             line += f" {_balance(r)} |"
-        line += f" {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |"
+        line += f" {100 * r['accuracy']:.2f} ± {_ci(r)} |"
         if published:
             value = published.get((r["ways"], r["shots"]))
             line += f" {value} |" if value is not None else " |"
@@ -126,7 +132,7 @@ def plot_accuracy(results: list[dict[str, Any]], path: str | os.PathLike[str], t
         ax.errorbar(
             [r["shots"] for r in rows],
             [100 * r["accuracy"] for r in rows],
-            yerr=[100 * r["ci95"] for r in rows],
+            yerr=[100 * (r["ci95"] or 0.0) for r in rows],
             marker="o",
             capsize=3,
             label=f"{method}, {ways}-way",

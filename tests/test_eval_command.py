@@ -177,3 +177,11 @@ def test_head_checkpoint_gives_each_trained_method_its_own_folder(embedded, tmp_
     )
     err = capsys.readouterr().err
     assert "no-feat" in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_episode_reports_no_interval_rather_than_a_false_zero(embedded, tmp_path, capsys):
+    out = tmp_path / "one.json"
+    argv = ["eval", "--embeddings", str(embedded), "--ways", "3", "--shots", "1", "--queries", "2"]
+    assert main([*argv, "--episodes", "1", "--output", str(out)]) == 0
+    assert "± n/a" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"][0]["ci95"] is None

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ def test_mean_ci95_is_the_sample_interval_for_arrays_tensors_and_lists():
     assert ci == pytest.approx(1.96 * np.std(acc, ddof=1) / 2)
     assert mean_ci95(torch.tensor(acc)) == pytest.approx((mean, ci))
     assert mean_ci95(list(acc)) == pytest.approx((mean, ci))
-    assert mean_ci95([0.9]) == (0.9, 0.0)
+    mean, ci = mean_ci95([0.9])
+    assert mean == 0.9 and math.isnan(ci)  # one value: no interval, not a false 0
     with pytest.raises(ValueError, match="at least one"):
         mean_ci95([])

@@ -136,6 +136,12 @@ def usable_classes(
     classes, counts = np.unique(_as_labels(labels), return_counts=True)
     small = classes[counts < need]
     usable = classes[counts >= need]
+    if len(usable) < ways:  # the error alone: the classes it would leave out are in it
+        raise UserInputError(
+            f"{split} episodes of {ways} ways need {ways} classes with at least {need} images each; "
+            f"the {split} data has {len(classes)}, only {len(usable)} have that many. "
+            "Lower --ways, --shots or --queries, or use more classes"
+        )
     if len(small) and warn:
         names = [class_names[c] if class_names else str(c) for c in small]
         shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
@@ -146,12 +152,6 @@ def usable_classes(
             need,
             shown,
             len(usable),
-        )
-    if len(usable) < ways:
-        raise UserInputError(
-            f"{split} episodes of {ways} ways need {ways} classes with at least {need} images each; "
-            f"the {split} data has {len(classes)}, only {len(usable)} have that many. "
-            "Lower --ways, --shots or --queries, or use more classes"
         )
     return usable
 

@@ -50,8 +50,23 @@ def test_small_classes_are_left_out_with_one_warning(caplog):
     message = caplog.records[0].getMessage()
     assert "b, d" in message and "3 remain" in message
     assert set(np.unique(ep.classes)) == {0, 2, 4}
-    with pytest.raises(UserInputError, match="only 3 have"):
-        sample_episodes(labels, 4, 5, 5, 20)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="protonets.episodes"):
+        with pytest.raises(UserInputError, match="only 3 have"):
+            sample_episodes(labels, 4, 5, 5, 20)
+    assert not caplog.records  # the error alone, one line
+
+
+def test_the_trainer_names_the_classes_it_leaves_out(caplog):
+    from protonets.encoders import create_encoder
+    from protonets.training import EpisodicTrainer, ImageSet, TrainConfig
+
+    labels = torch.tensor([0] * 8 + [1] * 8 + [2] * 1 + [3] * 8)  # c: 1 image, 2 needed
+    train = ImageSet(torch.zeros(len(labels), 1, 28, 28, dtype=torch.uint8), labels, list("abcd"))
+    config = TrainConfig(ways=2, shots=1, queries=1, episodes=1, val_ways=2, val_shots=1, val_queries=1)
+    with caplog.at_level(logging.WARNING, logger="protonets.episodes"):
+        EpisodicTrainer(create_encoder("conv4", pretrained=False), train, train, config, progress=False)
+    assert [r.getMessage().split(": ")[2] for r in caplog.records] == ["c; 3 remain"] * 2
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -87,11 +87,13 @@ class TrainConfig(DictConfig):
         return self.lr * self.lr_gamma ** (step // self.lr_step)
 
 
-def validation_episodes(labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+def validation_episodes(
+    labels: torch.Tensor, config: TrainConfig, class_names: list[str] | None = None
+) -> torch.Tensor:
     """The fixed validation episodes `[val_episodes, val_ways, val_shots + val_queries]` of a run
     (seeded by `config.seed + 1`, so every validation scores the same episodes)."""
     sampler = EpisodeSampler(
-        labels, config.val_ways, config.val_shots, config.val_queries, split="validation"
+        labels, config.val_ways, config.val_shots, config.val_queries, class_names, split="validation"
     )
     return sampler.sample(np.random.default_rng(config.seed + 1), config.val_episodes)
 
@@ -138,13 +140,13 @@ class ImageEpisodes:
         self.rng = np.random.default_rng(seed)  # the episodes
         self.generator = torch.Generator().manual_seed(seed)  # augmentation, pairs
         self.sampler = EpisodeSampler(
-            train.labels, config.ways, config.shots, config.queries, split="training"
+            train.labels, config.ways, config.shots, config.queries, train.class_names, split="training"
         )
         self.train_images = train.images.to(self.device)
         self.signature = train.signature()
         self.val_episodes = val_episodes
         if val is not None and val_episodes is None:
-            self.val_episodes = validation_episodes(val.labels, config)
+            self.val_episodes = validation_episodes(val.labels, config, val.class_names)
 
     def sample(self, count: int | None = None) -> torch.Tensor:
         """One training episode `[N, K+Q]`, or `count` of them `[count, N, K+Q]`."""

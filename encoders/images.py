@@ -35,6 +35,31 @@ class ImageItem:
         return self.path if self.rotation == 0 else f"{self.path}#rot{self.rotation:03d}"
 
 
+#: folders that archive tools add beside the data (macOS zips: `__MACOSX/._name`), skipped as
+#: hidden names are
+ARCHIVE_CLUTTER = frozenset({"__MACOSX"})
+
+
+def is_hidden(name: str) -> bool:
+    """A name the folder walks leave out: hidden (.name) or archive clutter."""
+    return name.startswith(".") or name in ARCHIVE_CLUTTER
+
+
+def loose_images_hint(folder: str | os.PathLike[str]) -> str:
+    """For a folder that should hold class sub-folders: "; it holds N images directly: put each
+    class's images in a sub-folder named after the class (FOLDER/CLASS/IMAGE)", or ""."""
+    try:
+        loose = [n for n in os.listdir(folder) if not is_hidden(n) and is_image_file(n)]
+    except OSError:
+        return ""
+    if not loose:
+        return ""
+    return (
+        f"; it holds {len(loose)} image(s) directly: put each class's images in a sub-folder "
+        f"named after the class ({os.fspath(folder)}/CLASS/IMAGE)"
+    )
+
+
 def file_signature(st: os.stat_result) -> list[int]:
     """What says a file is unchanged since it was last read: size, mtime, ctime and inode. The
     ctime catches a file rewritten with its old size and mtime put back (`cp -p`, `rsync -t`,
@@ -217,7 +242,7 @@ def walk_images(
             problems.append(f"folder '{path}' cannot be read ({exc.strerror})")
             return
         for name in names:
-            if name.startswith("."):
+            if is_hidden(name):
                 continue
             child = os.path.join(path, name)
             if os.path.isdir(child):

@@ -15,6 +15,7 @@ import numpy as np
 
 from protonets.encoders import ImageItem, list_images
 from protonets.encoders.errors import UserInputError
+from protonets.encoders.images import is_hidden, loose_images_hint
 from protonets.episodes import Episodes
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
@@ -84,7 +85,9 @@ def image_folder(root: str | os.PathLike[str], split: str | None = None) -> FewS
     root = Path(root)
     if not root.is_dir():
         raise UserInputError(f"dataset folder '{root}' does not exist")
-    present = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    present = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_hidden(d.name))
+    if not present:
+        raise UserInputError(f"dataset folder '{root}' has no class sub-folders{loose_images_hint(root)}")
     if split is None:
         classes = present
     else:

@@ -286,3 +286,22 @@ def test_train_refuses_a_bad_number_as_an_argument_error(capsys, tmp_path, optio
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"argument {option}: must be" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_loose_images_macos_clutter_and_a_folder_for_an_image(support, tmp_path, capsys):
+    from protonets.cli.common import support_folder
+    from protonets.encoders.errors import UserInputError
+
+    (support / "__MACOSX" / "lotus").mkdir(parents=True)  # a macOS zip's resource forks: ignored
+    (support / "__MACOSX" / "lotus" / "._image_0001.jpg").write_bytes(b"\0\5\26\7")
+    paths, labels = support_folder(str(support))
+    assert sorted(set(labels)) == ["brontosaurus", "lotus", "menorah"]
+
+    loose = tmp_path / "loose"
+    shutil.copytree(support / "lotus", loose)
+    with pytest.raises(UserInputError, match=r"found 0; it holds \d+ image\(s\) directly: put each class's"):
+        support_folder(str(loose))
+    assert main(["embed", str(loose), "--output", str(tmp_path / "set"), "--quiet"]) == 2
+    assert "has no class sub-folders; it holds" in capsys.readouterr().err
+    assert main(["verify", str(loose), str(next(loose.iterdir())), "--quiet"]) == 2
+    assert "is a folder; give one image file" in capsys.readouterr().err

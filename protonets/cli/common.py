@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from protonets.encoders.defaults import DEFAULT_ENCODER
 from protonets.encoders.errors import UserInputError
-from protonets.encoders.images import check_images, walk_images
+from protonets.encoders.images import check_images, is_hidden, loose_images_hint, walk_images
 
 log = logging.getLogger("protonets.cli")
 
@@ -146,7 +146,7 @@ def class_images(root: str, skip_bad: bool = False) -> tuple[list[str], list[str
     labels: list[str] = []
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
-        if name.startswith("."):
+        if is_hidden(name):
             continue
         if not os.path.isdir(folder):
             if os.path.islink(folder):
@@ -180,6 +180,7 @@ def support_folder(root: str, skip_bad: bool = False) -> tuple[list[str], list[s
     if found < 2:
         raise UserInputError(
             f"support folder '{root}' needs at least 2 class sub-folders of images, found {found}"
+            f"{loose_images_hint(root)}"
         )
     return paths, labels
 

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
             "(a folder from `protonets train --method siamese`)"
         )
     for path in (args.image1, args.image2):
+        if os.path.isdir(path):
+            raise UserInputError(f"image '{path}' is a folder; give one image file")
         if not os.path.isfile(path):
             raise UserInputError(f"image '{path}' does not exist")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:

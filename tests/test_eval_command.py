@@ -185,3 +185,8 @@ def test_one_episode_reports_no_interval_rather_than_a_false_zero(embedded, tmp_
     assert main([*argv, "--episodes", "1", "--output", str(out)]) == 0
     assert "± n/a" in capsys.readouterr().out
     assert json.loads(out.read_text())["results"][0]["ci95"] is None
+
+
+def test_an_empty_output_name_is_refused(embedded, capsys):
+    assert small_eval(embedded, "--output", "") == 2
+    assert "is an empty name" in capsys.readouterr().err

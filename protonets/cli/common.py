@@ -76,6 +76,8 @@ def check_output_paths(*paths: str | None) -> None:
     for path in paths:
         if path is None:
             continue
+        if not path.strip():
+            raise UserInputError(f"output {path!r} is an empty name; give a file name")
         if os.path.isdir(path):
             raise UserInputError(f"output '{path}' is a folder; give a file name")
         folder = os.path.dirname(os.path.abspath(path))

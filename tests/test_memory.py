@@ -440,6 +440,9 @@ def test_memory_commands_build_add_query_info(tmp_path, capsys):
 
     assert main(["memory", "build", str(mem), "--from", str(support), *opts]) == 0
     assert "15 vectors, 3 classes" in capsys.readouterr().out
+    ivf = tmp_path / "ivf"
+    assert main(["memory", "build", str(ivf), "--from", str(support), "--index", "ivf", *opts]) == 0
+    assert "flat search for now (--index ivf is trained once" in capsys.readouterr().out
     assert main(["memory", "build", str(mem), "--from", str(support), *opts]) == 2
     assert "already holds a memory" in capsys.readouterr().err
     assert main(["memory", "add", str(mem), "--from", str(more), *opts]) == 0

@@ -450,7 +450,17 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def _summary(verb: str, directory: str, memory: SupportMemory) -> None:
+    from ..memory.indexes import MIN_TRAIN
+
+    structure = memory.structure
+    if memory.index_kind in MIN_TRAIN and structure == "flat":  # asked for, not yet trainable
+        structure = (
+            f"flat search for now (--index {memory.index_kind} is trained once the memory holds "
+            f"{MIN_TRAIN[memory.index_kind]:,} vectors; until then search is exact)"
+        )
+    else:
+        structure += " search"
     print(
         f"{verb} '{directory}': {memory.count} vectors, {len(memory.classes)} classes, "
-        f"{memory.metric}, {memory.structure} search"
+        f"{memory.metric}, {structure}"
     )

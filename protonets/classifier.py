@@ -197,6 +197,12 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self._validate_params()
         if y is None:
             raise ValueError("requires y to be passed, but the target y is None")
+        if isinstance(y, (list, tuple)) and len({isinstance(v, str) for v in y}) > 1:
+            example = next(v for v in y if not isinstance(v, str))
+            raise ValueError(
+                f"y mixes strings and numbers (e.g. {example!r}), which numpy turns into one kind, "
+                f"merging e.g. {example!r} and '{example}'; give labels of one type"
+            )
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
             warnings.warn(

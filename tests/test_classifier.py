@@ -41,6 +41,13 @@ def test_fewer_than_two_classes_is_refused():
         FewShotClassifier().fit(np.zeros((3, 4)), ["a", "a", "a"])
 
 
+def test_labels_mixing_strings_and_numbers_are_refused_not_merged():
+    x = np.random.default_rng(0).random((6, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="mixes strings and numbers"):
+        FewShotClassifier().fit(x, [1, "1", 2, 2, 3, 3])
+    assert FewShotClassifier().fit(x, ["1", "1", "2", "2", "3", "3"]).classes_.tolist() == ["1", "2", "3"]
+
+
 def test_wrong_width_is_refused():
     X, y = _blobs()
     clf = FewShotClassifier().fit(X, y)

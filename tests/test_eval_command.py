@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from protonets.cli import main
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, REPO
 
 
 def test_eval_command_json_table_plot_and_reproducibility(tmp_path, capsys):
@@ -190,3 +190,10 @@ def test_one_episode_reports_no_interval_rather_than_a_false_zero(embedded, tmp_
 def test_an_empty_output_name_is_refused(embedded, capsys):
     assert small_eval(embedded, "--output", "") == 2
     assert "is an empty name" in capsys.readouterr().err
+
+
+def test_a_head_trained_on_another_encoder_is_refused(embedded, capsys):
+    siamese = REPO / "checkpoints" / "siamese-conv4-omniglot"
+    assert small_eval(embedded, "--method", "siamese", "--head-checkpoint", siamese) == 2
+    err = capsys.readouterr().err
+    assert "was trained on another encoder (conv4, weights a7ec2beffdd8)" in err and "(m, weights" in err

@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             lazy=not args.no_cache,
             fingerprint_cache=args.cache_dir,
         )
+    check_head_bodies(method_options, encoder.fingerprint)  # before the (long) embedding pass
     embeddings = embed_dataset(
         dataset,
         encoder,
@@ -223,6 +224,33 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for method in args.method:  # a trained head without its folder: refuse before embedding
         checkpoint_folder(method, options[method]["head_checkpoint"])
     return options
+
+
+def check_head_bodies(method_options: dict[str, dict[str, Any]], fingerprint: dict[str, Any] | None) -> None:
+    """A trained head's folder records the encoder it was trained on; scoring it on another
+    encoder's embeddings is refused (it gives numbers, wrong ones, without a word)."""
+    from protonets.encoders.checkpoint import read_checkpoint_dir
+    from protonets.encoders.errors import UserInputError
+    from protonets.eval.protocol import checkpoint_folder
+
+    def describe(fp: dict[str, Any]) -> str:
+        weights = fp.get("weights_sha256")
+        return f"{fp.get('model', '?')}, weights {weights[:12] if weights else 'pretrained/random'}"
+
+    for method, options in method_options.items():
+        if fingerprint is None or "meta" in options:  # a meta-trained learner brings its own body
+            continue
+        given = options.get("head_checkpoint")
+        directory = checkpoint_folder(method, given) or given  # `matching` may take one or none
+        if not directory:
+            continue
+        recorded = read_checkpoint_dir(directory).get("fingerprint")
+        if recorded and recorded != fingerprint:
+            raise UserInputError(
+                f"--method {method}: the head in '{directory}' was trained on another encoder "
+                f"({describe(recorded)}) than this run's ({describe(fingerprint)}); pass --checkpoint "
+                f"{directory} to embed with the body it was trained with, or a head trained on this encoder"
+            )
 
 
 def head_checkpoints(values: list[str], methods: list[str]) -> dict[str, str]:
@@ -332,6 +360,7 @@ def run_from_embeddings(args: argparse.Namespace) -> int:
         device = check_device_and_checkpoint(args)
         fingerprint = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device).fingerprint
     embedded = EmbeddingSet.load(args.embeddings, fingerprint=fingerprint)
+    check_head_bodies(method_options, embedded.fingerprint)
     labels = embedded.labels.numpy()
     for ways in args.ways:
         for shots in args.shots:

@@ -567,3 +567,18 @@ def test_memory_calibrate_command_rewrites_only_the_calibration(tmp_path, capsys
     assert main(["memory", "calibrate", str(tmp_path / "flat")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "calibrate() needs an IVF index" in err[0]
+
+
+def test_querying_a_checkpoint_memory_without_the_checkpoint_says_to_pass_it(tmp_path, capsys):
+    from protonets.cli import main
+    from tests.conftest import EXAMPLES, REPO
+
+    mem, weights = tmp_path / "mem", REPO / "checkpoints" / "protonet-conv4-omniglot"
+    opts = ["--quiet", "--workers", "0", "--encoder", "conv4"]
+    build = ["memory", "build", str(mem), "--from", str(EXAMPLES / "support"), *opts]
+    assert main([*build, "--checkpoint", str(weights)]) == 0
+    capsys.readouterr()
+    assert main(["memory", "query", str(mem), str(EXAMPLES / "queries"), *opts]) == 2
+    err = capsys.readouterr().err
+    assert "built with the weights of a checkpoint (conv4, sha256 e5cdf49b8463" in err
+    assert "pass --checkpoint DIR" in err

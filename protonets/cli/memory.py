@@ -171,14 +171,23 @@ def _hashes(paths: list[str]) -> list[str]:
 def _encoder(args: argparse.Namespace, memory_dir: str | None = None, device: str = "cpu") -> Encoder:
     from protonets.encoders.factory import create_encoder
 
-    name = args.encoder
-    if name is None and memory_dir is not None:
+    name, stored = args.encoder, {}
+    if memory_dir is not None:
         try:
             with open(os.path.join(memory_dir, MANIFEST), encoding="utf-8") as handle:
-                name = (json.load(handle).get("encoder_fingerprint") or {}).get("model")
+                stored = json.load(handle).get("encoder_fingerprint") or {}
+            name = name or stored.get("model")
         except (OSError, ValueError, AttributeError):
-            name = None  # SupportMemory.load reports what is wrong with the folder
-    return create_encoder(name or DEFAULT_ENCODER, checkpoint_path=args.checkpoint, device=device)
+            stored = {}  # SupportMemory.load reports what is wrong with the folder
+    try:
+        return create_encoder(name or DEFAULT_ENCODER, checkpoint_path=args.checkpoint, device=device)
+    except UserInputError:
+        if args.checkpoint is None and isinstance(stored, dict) and stored.get("weights_sha256"):
+            raise UserInputError(  # e.g. conv4: no weights of its own, the memory's came from a file
+                f"memory '{memory_dir}' was built with the weights of a checkpoint ({stored.get('model')}, "
+                f"sha256 {str(stored['weights_sha256'])[:12]}…); pass --checkpoint DIR with those weights"
+            ) from None
+        raise
 
 
 def _embed(encoder: Encoder, paths: list[str], args: argparse.Namespace, desc: str):

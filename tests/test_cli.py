@@ -305,3 +305,11 @@ def test_loose_images_macos_clutter_and_a_folder_for_an_image(support, tmp_path,
     assert "has no class sub-folders; it holds" in capsys.readouterr().err
     assert main(["verify", str(loose), str(next(loose.iterdir())), "--quiet"]) == 2
     assert "is a folder; give one image file" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import protonets
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"protonets {protonets.__version__}"

@@ -197,3 +197,10 @@ def test_a_head_trained_on_another_encoder_is_refused(embedded, capsys):
     assert small_eval(embedded, "--method", "siamese", "--head-checkpoint", siamese) == 2
     err = capsys.readouterr().err
     assert "was trained on another encoder (conv4, weights a7ec2beffdd8)" in err and "(m, weights" in err
+
+
+def test_a_setting_given_twice_is_scored_once(embedded, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--ways", "3", "3", "--method", "prototype", "prototype", "--output", out]
+    assert small_eval(embedded, *argv) == 0
+    assert len(json.loads(out.read_text())["results"]) == 1

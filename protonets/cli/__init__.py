@@ -12,6 +12,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 
+import protonets
 from protonets.encoders.errors import UserInputError, did_you_mean
 
 #: Sub-commands: name -> (module inside protonets.cli with `add_parser(sub, summary)` and
@@ -46,6 +47,7 @@ def build_parser(command: str | None = None, names_only: bool = False) -> argpar
     others are listed by name and summary), so help and argument errors answer quickly; with
     `names_only`, no sub-command module is imported (`protonets --help`)."""
     parser = _Parser(prog="protonets", description="Few-shot image classification with pretrained encoders.")
+    parser.add_argument("--version", action="version", version=f"protonets {protonets.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, summary) in COMMANDS.items():
         if (command is None and not names_only) or name == command:

@@ -60,7 +60,12 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         "queries are spread over the classes like the support set: for a batch that may be "
         "imbalanced use alpha-tim",
     )
-    p.add_argument("--metric", choices=["euclidean", "cosine"], default="cosine")
+    p.add_argument(
+        "--metric",
+        choices=["euclidean", "cosine"],
+        default="cosine",
+        help="distance of the prototype head (default: %(default)s)",
+    )
     p.add_argument(
         "--steps", type=non_negative_int, default=None, help="--head maml: SGD steps on the support set"
     )
@@ -74,7 +79,9 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
     p.add_argument(
         "--threshold", type=probability, default=None, help="answer 'unknown' below this top probability"
     )
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument(
+        "--format", choices=["table", "json", "csv"], default="table", help="output (default: %(default)s)"
+    )
     p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
     add_encoder_options(p)
     p.set_defaults(run=run)

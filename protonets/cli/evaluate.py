@@ -48,11 +48,21 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         help="evaluate an embedding set folder from `protonets embed` instead of images "
         "(replaces --data, --dataset and --split)",
     )
-    p.add_argument("--ways", type=at_least_two, nargs="+", default=[5])
-    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5])
-    p.add_argument("--queries", type=positive_int, default=15)
-    p.add_argument("--episodes", type=positive_int, default=600)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument(
+        "--ways", type=at_least_two, nargs="+", default=[5], help="classes per episode (default: 5)"
+    )
+    p.add_argument(
+        "--shots", type=positive_int, nargs="+", default=[1, 5], help="support images a class (default: 1 5)"
+    )
+    p.add_argument(
+        "--queries", type=positive_int, default=15, help="query images per class (default: %(default)s)"
+    )
+    p.add_argument(
+        "--episodes", type=positive_int, default=600, help="episodes per setting (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the episodes (default: %(default)s)"
+    )
     p.add_argument(
         "--query-balance",
         choices=["balanced", "dirichlet"],
@@ -134,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from protonets.eval.meta import MetaEpisodes, is_meta_checkpoint
     from protonets.eval.run import embed_dataset
 
+    for option in ("ways", "shots", "method"):  # a value given twice is one setting, scored once
+        setattr(args, option, list(dict.fromkeys(getattr(args, option))))
     if args.dirichlet_alpha is not None and args.query_balance != "dirichlet":
         raise UserInputError("--dirichlet-alpha applies to --query-balance dirichlet; add that or drop it")
     if args.dirichlet_alpha is None:

@@ -312,4 +312,5 @@ def test_version(capsys):
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
-    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"protonets {protonets.__version__}"
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"protonets {protonets.__version__}"

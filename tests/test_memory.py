@@ -582,3 +582,26 @@ def test_querying_a_checkpoint_memory_without_the_checkpoint_says_to_pass_it(tmp
     err = capsys.readouterr().err
     assert "built with the weights of a checkpoint (conv4, sha256 e5cdf49b8463" in err
     assert "pass --checkpoint DIR" in err
+
+
+def test_memory_add_names_images_already_held_under_another_class(tmp_path, capsys):
+    import shutil
+
+    from protonets.cli import main
+    from tests.conftest import EXAMPLES
+
+    support, more = tmp_path / "support", tmp_path / "more"
+    for name in ("lotus", "menorah"):
+        shutil.copytree(EXAMPLES / "support" / name, support / name)
+    (more / "waterlily").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "support" / "lotus" / "image_0001.jpg", more / "waterlily" / "copy.jpg")
+    shutil.copy(EXAMPLES / "support" / "euphonium" / "image_0001.jpg", more / "waterlily" / "new.jpg")
+    mem, opts = tmp_path / "mem", ["--quiet", "--workers", "0"]
+    assert main(["memory", "build", str(mem), "--from", str(support), *opts]) == 0
+    capsys.readouterr()
+    assert main(["memory", "add", str(mem), "--from", str(more), "--workers", "0"]) == 0  # warnings on
+    out, err = capsys.readouterr()
+    [line] = [line for line in err.splitlines() if "another class" in line]
+    assert line.startswith("protonets: warning: 1 image(s)")
+    assert "copy.jpg' (waterlily) is in class 'lotus'" in line
+    assert "added 1 images (skipped 1" in out

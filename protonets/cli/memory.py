@@ -350,9 +350,20 @@ def run_add(args: argparse.Namespace) -> int:
     snapshot = SupportMemory.load(args.directory, encoder=encoder)  # checks before embedding
     new = list(range(len(paths)))
     if not args.allow_duplicates:  # images already in the memory, or twice in this folder
-        known = snapshot.has_sources(hashes)
+        held = snapshot.source_classes(hashes)
+        elsewhere = [i for i, c in enumerate(held) if c is not None and str(c) != str(labels[i])]
+        if elsewhere:  # the same image under another class: say so, it is not a plain repeat
+            shown = "; ".join(f"'{paths[i]}' ({labels[i]}) is in class '{held[i]}'" for i in elsewhere[:3])
+            more = f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else ""
+            log.warning(
+                "%d image(s) are already in the memory under another class, so they are not added: "
+                "%s%s; remove the copies from this folder, or pass --allow-duplicates to add them too",
+                len(elsewhere),
+                shown,
+                more,
+            )
         first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # first file of each content
-        new = [i for i in new if not known[i] and first[hashes[i]] == i]
+        new = [i for i in new if held[i] is None and first[hashes[i]] == i]
     del snapshot
     result = _embed(encoder, [paths[i] for i in new], args, "support") if new else None
     kept = [new[j] for j in result.kept] if result is not None else []

@@ -385,11 +385,18 @@ class SupportMemory:
 
     def has_sources(self, sources: Sequence[str]) -> np.ndarray:
         """Which of these source hashes (hex sha256) rows in the memory already carry: bool `[N]`."""
+        return np.array([c is not None for c in self.source_classes(sources)], dtype=bool)
+
+    def source_classes(self, sources: Sequence[str]) -> list[str | int | None]:
+        """The class of a row carrying each of these source hashes (hex sha256), or None."""
         wanted = _hash_rows(sources, len(sources))
         with self._lock.read():
-            alive = self._labels[: self._n] >= 0
-            known = {bytes(h) for h in self._hashes[: self._n][alive] if h.any()}
-        return np.array([bytes(h) in known for h in wanted], dtype=bool)
+            labels = self._labels[: self._n]
+            known: dict[bytes, int] = {}
+            for h, slot in zip(self._hashes[: self._n], labels):
+                if slot >= 0 and h.any():
+                    known.setdefault(bytes(h), int(slot))
+            return [self._names[known[bytes(h)]] if bytes(h) in known else None for h in wanted]
 
     def rebuild(self) -> None:
         """Drop removed rows and retrain the approximate index on the kept vectors."""

@@ -334,6 +334,11 @@ def test_train_command_then_eval_and_classify(folder_dataset, tmp_path, capsys):
 
     code, _, err = _run(capsys, *base, "--episodes", 6)
     assert code == 2 and "already holds a training run" in err and "--resume" in err
+    embedded = tmp_path / "embedded"  # another kind of protonets folder is named as what it is
+    assert _run(capsys, "embed", root, "--output", embedded, "--checkpoint", out, "--quiet")[0] == 0
+    for extra in ([], ["--overwrite"]):
+        code, _, err = _run(capsys, *base[: base.index("--output")], "--output", embedded, *extra)
+        assert code == 2 and "holds a protonets.EmbeddingSet, not a protonets.Checkpoint" in err
     code, _, err = _run(capsys, *base, "--episodes", 9, "--resume", "--lr", 0.5)
     assert code == 2 and "--lr 0.5 (the run has 0.001)" in err
     code, stdout, err = _run(capsys, *base, "--episodes", 9, "--resume")

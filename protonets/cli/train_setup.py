@@ -205,8 +205,11 @@ def load_images(args: argparse.Namespace, split: str | None, preprocessing: dict
 
 
 def check_output(args: argparse.Namespace) -> None:
+    from protonets.encoders.checkpoint import CHECKPOINT_KIND
     from protonets.training.checkpoint import LOG_FILE, STATE_DIR
 
+    if os.path.isfile(os.path.join(args.output, "manifest.json")):  # another kind of folder, named as such
+        check_bundle_target(args.output, CHECKPOINT_KIND)
     held = [n for n in ("manifest.json", LOG_FILE, STATE_DIR) if os.path.exists(os.path.join(args.output, n))]
     if held and not (args.resume or args.overwrite):
         resume = "" if args.freeze_encoder else "pass --resume to continue it, "
@@ -217,8 +220,6 @@ def check_output(args: argparse.Namespace) -> None:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserInputError(f"--output '{args.output}' exists and is not a folder")
     if not held:  # a new run: refuse a folder of the user's own files before training starts
-        from protonets.encoders.checkpoint import CHECKPOINT_KIND
-
         check_bundle_target(args.output, CHECKPOINT_KIND)
 
 

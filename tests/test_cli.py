@@ -288,7 +288,9 @@ def test_train_refuses_a_bad_number_as_an_argument_error(capsys, tmp_path, optio
     assert not (tmp_path / "run").exists()
 
 
-def test_loose_images_macos_clutter_and_a_folder_for_an_image(support, tmp_path, capsys):
+def test_loose_images_macos_clutter_and_a_folder_for_an_image(support, tmp_path, capsys, caplog):
+    import logging
+
     from protonets.cli.common import support_folder
     from protonets.encoders.errors import UserInputError
 
@@ -296,6 +298,11 @@ def test_loose_images_macos_clutter_and_a_folder_for_an_image(support, tmp_path,
     (support / "__MACOSX" / "lotus" / "._image_0001.jpg").write_bytes(b"\0\5\26\7")
     paths, labels = support_folder(str(support))
     assert sorted(set(labels)) == ["brontosaurus", "lotus", "menorah"]
+
+    shutil.copy(support / "lotus" / "image_0001.jpg", support / "stray.jpg")
+    with caplog.at_level(logging.WARNING, logger="protonets.cli"):
+        assert support_folder(str(support))[0] == paths  # left out, and said so
+    assert "is not a class: its images are left out; it holds 1 image(s) directly" in caplog.text
 
     loose = tmp_path / "loose"
     shutil.copytree(support / "lotus", loose)

@@ -131,6 +131,14 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got '{text}'") from None
 
 
+def open_unit_interval(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = _number(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -160,6 +168,9 @@ def class_images(root: str, skip_bad: bool = False) -> tuple[list[str], list[str
             raise UserInputError(f"class folder '{folder}' holds no images; add some or remove it")
         paths += images
         labels += [name] * len(images)
+    loose = loose_images_hint(root)
+    if loose and paths:  # beside class folders, images directly in root belong to no class
+        log.warning("'%s' is not a class: its images are left out%s", root, loose)
     warn_shared_images(paths, labels)
     return paths, labels
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from protonets.encoders.errors import UserInputError
 
+from .common import open_unit_interval
+
 #: The Siamese checkpoint committed with the repository (Omniglot characters).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "siamese-conv4-omniglot"
 
@@ -29,7 +31,10 @@ def add_parser(sub: argparse._SubParsersAction, summary: str) -> None:
         help="Siamese checkpoint folder (default: the repository's checkpoints/siamese-conv4-omniglot)",
     )
     p.add_argument(
-        "--threshold", type=float, default=None, help="decision threshold on the similarity in (0, 1)"
+        "--threshold",
+        type=open_unit_interval,
+        default=None,
+        help="decision threshold on the similarity in (0, 1)",
     )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
@@ -53,8 +58,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError(f"image '{path}' is a folder; give one image file")
         if not os.path.isfile(path):
             raise UserInputError(f"image '{path}' does not exist")
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        raise UserInputError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     check_images([args.image1, args.image2])  # empty, unreadable or not an image: said now
     import torch
 

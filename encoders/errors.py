@@ -18,5 +18,10 @@ class ImageLoadError(UserInputError):
     """An image file that cannot be read (missing, empty, truncated, not an image, too large)."""
 
 
+class NoPublishedWeightsError(UserInputError):
+    """A model asked for with pretrained weights that has none (e.g. `conv4`): its weights come
+    from a checkpoint."""
+
+
 class FingerprintMismatchError(UserInputError):
     """Stored embeddings were made by a different encoder than the one in use."""

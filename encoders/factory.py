@@ -9,7 +9,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from .defaults import BUNDLED_WEIGHTS, DEFAULT_ENCODER
-from .errors import UserInputError, did_you_mean
+from .errors import NoPublishedWeightsError, UserInputError, did_you_mean
 
 if TYPE_CHECKING:  # torch, timm and the model code are imported when a model is built
     import torch
@@ -190,10 +190,10 @@ def _check_has_weights(name: str) -> None:
     except RuntimeError:  # an unknown tag: timm's own error at creation says it best
         return
     if cfg is not None and not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
-        raise UserInputError(
+        raise NoPublishedWeightsError(
             f"'{name}' has no published pretrained weights: pass a checkpoint folder from "
-            "`protonets train` (--checkpoint DIR, e.g. checkpoints/protonet-conv4-omniglot), "
-            "or pretrained=False for random weights"
+            "`protonets train` (--checkpoint DIR, e.g. checkpoints/protonet-conv4-omniglot; "
+            "checkpoint_path= in Python), or pretrained=False in Python for random weights"
         )
 
 

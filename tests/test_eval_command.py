@@ -156,12 +156,13 @@ def test_head_checkpoint_gives_each_trained_method_its_own_folder(embedded, tmp_
     assert head_checkpoints(["/x=y", "feat=/a"], ["feat", "siamese"]) == {"": "/x=y", "feat": "/a"}
     for values, said in [
         (["relation=/b"], "'relation' is not among --method"),
+        (["prototype=/b"], "prototype takes no trained head folder"),
         (["/a", "/b"], "two folders"),
         (["feat=/a", "feat=/b"], "method 'feat' two folders"),
         (["feat="], "names no folder"),
     ]:
         with pytest.raises(UserInputError, match=said):
-            head_checkpoints(values, ["feat"])
+            head_checkpoints(values, ["feat", "prototype"])
     # each method is sent to its own folder: the one that is missing is named
     assert (
         small_eval(
@@ -192,11 +193,16 @@ def test_an_empty_output_name_is_refused(embedded, capsys):
     assert "is an empty name" in capsys.readouterr().err
 
 
-def test_a_head_trained_on_another_encoder_is_refused(embedded, capsys):
+def test_a_head_trained_on_another_encoder_or_for_another_method_is_refused(embedded, capsys):
     siamese = REPO / "checkpoints" / "siamese-conv4-omniglot"
-    assert small_eval(embedded, "--method", "siamese", "--head-checkpoint", siamese) == 2
+    # the bare folder goes to the trained head only: prototype is not named in the refusal
+    assert small_eval(embedded, "--method", "prototype", "siamese", "--head-checkpoint", siamese) == 2
     err = capsys.readouterr().err
-    assert "was trained on another encoder (conv4, weights a7ec2beffdd8)" in err and "(m, weights" in err
+    assert "--method siamese: the head in" in err and "--method prototype" not in err
+    assert "trained on another encoder (conv4, weights a7ec2beffdd8) than the embeddings' (m, weights" in err
+    assert "embed the images again with that body" in err  # an embedding set is not embedded here
+    assert small_eval(embedded, "--method", "feat", "--head-checkpoint", f"feat={siamese}") == 2
+    assert "holds a siamese head, not a feat one" in capsys.readouterr().err
 
 
 def test_a_setting_given_twice_is_scored_once(embedded, tmp_path):

@@ -225,22 +225,28 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from protonets.heads import HEADS
 
     folders = head_checkpoints(args.head_checkpoint or [], args.method)
-    if folders and not any(HEADS[m].checkpoint_hint for m in args.method if m in HEADS):
+    trained = [m for m in args.method if m in HEADS and HEADS[m].checkpoint_hint]
+    if folders and not trained:
         raise UserInputError(
             f"--head-checkpoint '{' '.join(args.head_checkpoint)}' is for a trained head "
             f"({', '.join(sorted(n for n, h in HEADS.items() if h.checkpoint_hint))}), and no --method "
             "here is one; drop it or add that method"
         )
     named = {"knn": {"k": args.knn_k}, "maml": {"steps": args.maml_steps}}
-    options = {m: {"head_checkpoint": folders.get(m, folders.get("")), **named.get(m, {})} for m in args.method}  # noqa: E501
+    options = {m: dict(named.get(m, {})) for m in args.method}
+    for method in trained:  # a bare DIR serves the trained heads without their own METHOD=DIR
+        options[method]["head_checkpoint"] = folders.get(method, folders.get(""))
     for method in args.method:  # a trained head without its folder: refuse before embedding
-        checkpoint_folder(method, options[method]["head_checkpoint"])
+        checkpoint_folder(method, options[method].get("head_checkpoint"))
     return options
 
 
-def check_head_bodies(method_options: dict[str, dict[str, Any]], fingerprint: dict[str, Any] | None) -> None:
-    """A trained head's folder records the encoder it was trained on; scoring it on another
-    encoder's embeddings is refused (it gives numbers, wrong ones, without a word)."""
+def check_head_bodies(
+    method_options: dict[str, dict[str, Any]], fingerprint: dict[str, Any] | None, embedding_set: bool = False
+) -> None:
+    """A trained head's folder names its head and records the encoder it was trained on: another
+    method's folder, or a head of another encoder than the embeddings', is refused before any
+    scoring (such a head gives numbers, wrong ones, without a word)."""
     from protonets.encoders.checkpoint import read_checkpoint_dir
     from protonets.encoders.errors import UserInputError
     from protonets.eval.protocol import checkpoint_folder
@@ -250,25 +256,37 @@ def check_head_bodies(method_options: dict[str, dict[str, Any]], fingerprint: di
         return f"{fp.get('model', '?')}, weights {weights[:12] if weights else 'pretrained/random'}"
 
     for method, options in method_options.items():
-        if fingerprint is None or "meta" in options:  # a meta-trained learner brings its own body
+        if "meta" in options:  # a meta-trained learner brings its own body
             continue
         given = options.get("head_checkpoint")
         directory = checkpoint_folder(method, given) or given  # `matching` may take one or none
         if not directory:
             continue
-        recorded = read_checkpoint_dir(directory).get("fingerprint")
-        if recorded and recorded != fingerprint:
+        manifest = read_checkpoint_dir(directory)
+        head = (manifest.get("head") or {}).get("name")
+        if head != method:
+            raise UserInputError(
+                f"--method {method}: '{directory}' holds a {head or 'no'} head, not a {method} one; "
+                f"give a folder of `protonets train --method {method}`"
+            )
+        recorded = manifest.get("fingerprint")
+        if fingerprint is not None and recorded and recorded != fingerprint:
+            fix = (
+                f"embed the images again with that body (protonets embed DATA --checkpoint {directory})"
+                if embedding_set
+                else f"pass --checkpoint {directory} to embed with the body it was trained with"
+            )
             raise UserInputError(
                 f"--method {method}: the head in '{directory}' was trained on another encoder "
-                f"({describe(recorded)}) than this run's ({describe(fingerprint)}); pass --checkpoint "
-                f"{directory} to embed with the body it was trained with, or a head trained on this encoder"
+                f"({describe(recorded)}) than the embeddings' ({describe(fingerprint)}); {fix}, "
+                "or use a head trained on this encoder"
             )
 
 
 def head_checkpoints(values: list[str], methods: list[str]) -> dict[str, str]:
     """--head-checkpoint's `[METHOD=]DIR` values -> {method: DIR}, "" for the one bare DIR that
-    the methods without their own take. `METHOD=` counts only for a method name (a folder may
-    hold '=')."""
+    the trained methods without their own take. `METHOD=` counts only for a method name (a
+    folder may hold '=')."""
     from protonets.encoders.errors import UserInputError
     from protonets.heads import HEADS
 
@@ -282,8 +300,10 @@ def head_checkpoints(values: list[str], methods: list[str]) -> dict[str, str]:
                 f"--head-checkpoint {value}: '{method}' is not among --method ({' '.join(methods)}); "
                 "add it there or drop this folder"
             )
+        elif not HEADS[method].checkpoint_hint:
+            raise UserInputError(f"--head-checkpoint {value}: {method} takes no trained head folder; drop it")
         if not directory:
-            raise UserInputError(f"--head-checkpoint {value!r} names no folder")
+            raise UserInputError(f"--head-checkpoint {value!r} names no folder; write METHOD=DIR or DIR")
         if method in folders:
             which = f"method '{method}'" if method else "the methods without METHOD=DIR"
             raise UserInputError(f"--head-checkpoint gives {which} two folders; give one")
@@ -372,7 +392,7 @@ def run_from_embeddings(args: argparse.Namespace) -> int:
         device = check_device_and_checkpoint(args)
         fingerprint = create_encoder(args.encoder, checkpoint_path=args.checkpoint, device=device).fingerprint
     embedded = EmbeddingSet.load(args.embeddings, fingerprint=fingerprint)
-    check_head_bodies(method_options, embedded.fingerprint)
+    check_head_bodies(method_options, embedded.fingerprint, embedding_set=True)
     labels = embedded.labels.numpy()
     for ways in args.ways:
         for shots in args.shots:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from protonets.encoders.atomic import MANIFEST, check_bundle_target, sha256_file
 from protonets.encoders.defaults import DEFAULT_ENCODER
-from protonets.encoders.errors import UserInputError
+from protonets.encoders.errors import NoPublishedWeightsError, UserInputError
 
 from ..memory.options import INDEX_KINDS, KIND, METRICS, MODES  # no faiss: --help stays quick
 from .common import (
@@ -181,7 +181,7 @@ def _encoder(args: argparse.Namespace, memory_dir: str | None = None, device: st
             stored = {}  # SupportMemory.load reports what is wrong with the folder
     try:
         return create_encoder(name or DEFAULT_ENCODER, checkpoint_path=args.checkpoint, device=device)
-    except UserInputError:
+    except NoPublishedWeightsError:
         if args.checkpoint is None and isinstance(stored, dict) and stored.get("weights_sha256"):
             raise UserInputError(  # e.g. conv4: no weights of its own, the memory's came from a file
                 f"memory '{memory_dir}' was built with the weights of a checkpoint ({stored.get('model')}, "

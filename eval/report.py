@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
 from protonets.encoders.atomic import write_atomically, write_json_atomically
+from protonets.stats import ci_or_none
 
 
 def _ci(row: dict) -> str:
@@ -40,7 +40,7 @@ def result_row(
         "episodes": episodes,
         "query_balance": query_balance,
         "accuracy": round(mean, 6),
-        "ci95": round(ci95, 6) if math.isfinite(ci95) else None,  # None: one episode, no interval
+        "ci95": None if ci_or_none(ci95) is None else round(ci95, 6),  # None: one episode
     }
     if query_balance != "balanced":
         row.update(alpha=alpha, capped_episodes=capped_episodes)

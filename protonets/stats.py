@@ -19,3 +19,9 @@ def mean_ci95(values: np.ndarray | torch.Tensor | Sequence[float]) -> tuple[floa
     if len(acc) < 2:
         return float(acc.mean()), float("nan")
     return float(acc.mean()), float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc)))
+
+
+def ci_or_none(ci95: float) -> float | None:
+    """A half-width as results files write it: None where there is none (one value), never NaN,
+    which JSON cannot hold."""
+    return ci95 if np.isfinite(ci95) else None

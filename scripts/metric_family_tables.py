@@ -42,7 +42,8 @@ def pivot(rows: list[dict], methods: list[str], shots: list[int], ways: int) -> 
                 (r for r in rows if r["method"] == m and r["shots"] == k and r["query_balance"] == b),
                 None,
             )
-            cells.append("—" if r is None else f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}")
+            ci = "n/a" if r is None or r["ci95"] is None else f"{100 * r['ci95']:.2f}"
+            cells.append("—" if r is None else f"{100 * r['accuracy']:.2f} ± {ci}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

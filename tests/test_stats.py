@@ -18,3 +18,9 @@ def test_mean_ci95_is_the_sample_interval_for_arrays_tensors_and_lists():
     assert mean == 0.9 and math.isnan(ci)  # one value: no interval, not a false 0
     with pytest.raises(ValueError, match="at least one"):
         mean_ci95([])
+
+
+def test_ci_or_none_is_what_results_files_write():
+    from protonets.stats import ci_or_none
+
+    assert ci_or_none(mean_ci95([0.9])[1]) is None and ci_or_none(0.25) == 0.25

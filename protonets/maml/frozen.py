@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from protonets.encoders.errors import UserInputError
 
 from ..episodes import EpisodeSampler, gather_episodes
-from ..stats import mean_ci95
+from ..stats import ci_or_none, mean_ci95
 from ..training import TrainConfig, TrainLoop
 from ..training.loop import InMemoryMethod
 from ..training.trainer import validation_episodes
@@ -76,7 +76,7 @@ class FrozenAnil(InMemoryMethod):
         assert self.val_tasks is not None
         val_loss, val_acc = query_scores(self.learner, self.val_tasks, self.eval_steps)
         acc, ci = mean_ci95(val_acc)
-        return {"val_loss": float(val_loss.mean()), "val_acc": acc, "val_ci95": ci}
+        return {"val_loss": float(val_loss.mean()), "val_acc": acc, "val_ci95": ci_or_none(ci)}
 
 
 def train_frozen_anil(

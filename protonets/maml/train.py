@@ -34,7 +34,7 @@ from protonets.encoders.distributed import World
 from protonets.encoders.errors import UserInputError
 
 from ..episodes import split_episodes
-from ..stats import mean_ci95
+from ..stats import ci_or_none, mean_ci95
 from ..training import ImageSet, TrainConfig, augment, preload_images, to_input
 from ..training.trainer import DictConfig, EpisodicTrainer, ImageEpisodes, prefixed
 from .learner import MetaLearner, TaskBatch
@@ -179,7 +179,7 @@ class MetaMethod:
             losses.append(loss)
             accs.append(accuracy)
         acc, ci = mean_ci95(torch.cat(accs))
-        return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci}
+        return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci_or_none(ci)}
 
     # -- the head and learned step sizes travel with the encoder's weights ---------------------
     def weights(self) -> dict[str, torch.Tensor]:

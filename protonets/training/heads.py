@@ -18,7 +18,7 @@ from protonets.encoders.errors import UserInputError
 from ..episodes import EpisodeSampler, gather_episodes, sample_episodes
 from ..heads import create_head
 from ..heads.trained import TrainedHead, head_tensors
-from ..stats import mean_ci95
+from ..stats import ci_or_none, mean_ci95
 from .loop import InMemoryMethod, TrainLoop
 
 #: Constructor arguments that make each head trainable (matching learns its context embeddings).
@@ -72,7 +72,7 @@ class EpisodicHead(InMemoryMethod):
             losses.append(float(loss) * len(logits))
         self.head.train()
         mean, ci = mean_ci95(torch.cat(acc).numpy())
-        return {"val_loss": sum(losses) / len(episodes), "val_acc": mean, "val_ci95": ci}
+        return {"val_loss": sum(losses) / len(episodes), "val_acc": mean, "val_ci95": ci_or_none(ci)}
 
     def weights(self) -> dict[str, torch.Tensor]:
         return head_tensors(self.head)

@@ -31,7 +31,7 @@ from protonets.encoders.factory import load_state_dict_file
 
 from ..episodes import EpisodeSampler, split_episodes
 from ..heads import create_head
-from ..stats import mean_ci95
+from ..stats import ci_or_none, mean_ci95
 from .data import AUGMENTATIONS, ImageSet, augment, to_input
 from .loop import Method, TrainLoop, TrainResult
 
@@ -239,7 +239,7 @@ def validate_head(data: ImageEpisodes, head: Any) -> dict[str, float]:
         accs.append((logits.argmax(-1) == labels).double().mean(1))
     head.train(was_training)
     acc, ci = mean_ci95(torch.cat(accs))
-    return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci}
+    return {"val_loss": float(torch.cat(losses).mean()), "val_acc": acc, "val_ci95": ci_or_none(ci)}
 
 
 class ProtoNetMethod:

@@ -6,7 +6,7 @@ and the images' `stat` only) and tells every rank; under `torchrun` each rank th
 contiguous block of the MISSING chunks (`World.share`), so a resumed run keeps every rank busy;
 alone, one process takes them all. Each finished chunk is written atomically as
 `DIR/.shards/chunk-<key>-<start>-<stop>.safetensors` (the embeddings, the rows kept, the images
-skipped and a digest of its image files' sizes and modification times), where `<key>` names the
+skipped and a digest of its image files' signatures: size, mtime, ctime, inode), where `<key>` names the
 encoder fingerprint and the dataset's image list. A run that was killed and started again (with
 any number of ranks) embeds only the chunks that are missing, or whose image files changed
 since. Rank 0 then assembles `DIR` (see `embedding_set.py`) in row order, exactly as a
@@ -213,8 +213,8 @@ def _missing_chunks(
 
 
 def _chunk_is_reusable(path: str, key: str, rows: range, dim: int, skip_bad: bool, files: str) -> bool:
-    """A chunk file of this run and row range, embedded from the same files (their size and
-    modification time), with the right shapes (header read only)."""
+    """A chunk file of this run and row range, embedded from the same files (their
+    `file_signature`), with the right shapes (header read only)."""
     if not os.path.isfile(path):
         return False
     from safetensors import safe_open

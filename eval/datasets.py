@@ -191,7 +191,7 @@ def omniglot_alphabets(
     folder = Path(root) / ("images_background" if background else "images_evaluation")
     if not folder.is_dir():
         raise UserInputError(f"Omniglot folder '{folder}' does not exist; pass the Omniglot root")
-    names = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))
     if alphabets is not None:
         unknown = [a for a in alphabets if a not in names]
         if unknown:
@@ -199,7 +199,8 @@ def omniglot_alphabets(
         names = [a for a in names if a in alphabets]
     items, labels, classes, alpha, drawer = [], [], [], [], []
     for a_index, alphabet in enumerate(names):
-        for character in sorted(d.name for d in (folder / alphabet).iterdir() if d.is_dir()):
+        characters = (d.name for d in (folder / alphabet).iterdir() if d.is_dir() and not is_hidden(d.name))
+        for character in sorted(characters):
             paths = list_images(folder / alphabet / character)
             for rotation in rotations:
                 classes.append(f"{alphabet}/{character}/rot{rotation:03d}")

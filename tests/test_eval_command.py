@@ -190,7 +190,7 @@ def test_one_episode_reports_no_interval_rather_than_a_false_zero(embedded, tmp_
 
 def test_an_empty_output_name_is_refused(embedded, capsys):
     assert small_eval(embedded, "--output", "") == 2
-    assert "is an empty name" in capsys.readouterr().err
+    assert "--output '' is an empty name" in capsys.readouterr().err
 
 
 def test_a_head_trained_on_another_encoder_or_for_another_method_is_refused(embedded, capsys):

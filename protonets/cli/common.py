@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -12,6 +11,7 @@ import os
 import re
 from typing import Any, TextIO
 
+from protonets.encoders.atomic import sha256_file
 from protonets.encoders.defaults import DEFAULT_ENCODER
 from protonets.encoders.errors import UserInputError
 from protonets.encoders.images import check_images, is_hidden, loose_images_hint, walk_images
@@ -71,13 +71,14 @@ def check_device_and_checkpoint(args: argparse.Namespace) -> str:
     return device
 
 
-def check_output_paths(*paths: str | None) -> None:
-    """Output files (--output, --plot …) must be writable where they go: checked before work."""
-    for path in paths:
+def check_output_paths(paths: dict[str, str | None]) -> None:
+    """Output files ({"--output": path, "--plot": path …}) must be writable where they go:
+    checked before work."""
+    for option, path in paths.items():
         if path is None:
             continue
         if not path.strip():
-            raise UserInputError(f"output {path!r} is an empty name; give a file name")
+            raise UserInputError(f"{option} {path!r} is an empty name; give a file name")
         if os.path.isdir(path):
             raise UserInputError(f"output '{path}' is a folder; give a file name")
         folder = os.path.dirname(os.path.abspath(path))
@@ -207,13 +208,12 @@ def warn_shared_images(paths: list[str], labels: list[str]) -> None:
             by_size.setdefault(os.path.getsize(path), []).append(i)
         except OSError:  # unreadable files are reported where they are read
             continue
-    first: dict[bytes, int] = {}
+    first: dict[str, int] = {}
     shared = []
     for group in (g for g in by_size.values() if len(g) > 1):
         for i in group:
             try:
-                with open(paths[i], "rb") as f:
-                    digest = hashlib.sha256(f.read()).digest()
+                digest = sha256_file(paths[i])
             except OSError:
                 continue
             j = first.setdefault(digest, i)

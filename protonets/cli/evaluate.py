@@ -120,7 +120,7 @@ def check_result_files(output: str | None, plot: str | None) -> None:
     from protonets.encoders.errors import UserInputError
     from protonets.eval.report import PLOT_TYPES, written_by_eval
 
-    check_output_paths(output, plot)
+    check_output_paths({"--output": output, "--plot": plot})
     if plot is not None:
         suffix = os.path.splitext(plot)[1].lower()
         if suffix and suffix not in PLOT_TYPES:

@@ -17,6 +17,7 @@ COMMITTED = [
     "protonet-conv4-omniglot-1shot-trainval-12k",
     "protonet-conv4-omniglot-1shot-trainval-20k",
     "protonet-conv4-omniglot-5shot-trainval",
+    "protonet-conv4-omniglot-5shot-trainval-14k",
     "siamese-conv4-omniglot",
     "maml-conv4-omniglot-scratch-cpu",
 ]

@@ -237,7 +237,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for method in trained:  # a bare DIR serves the trained heads without their own METHOD=DIR
         options[method]["head_checkpoint"] = folders.get(method, folders.get(""))
     for method in args.method:  # a trained head without its folder: refuse before embedding
-        checkpoint_folder(method, options[method].get("head_checkpoint"))
+        folder = checkpoint_folder(method, options[method].get("head_checkpoint"))  # or $ENV's
+        if folder is not None:
+            options[method]["head_checkpoint"] = folder
     return options
 
 
@@ -249,7 +251,6 @@ def check_head_bodies(
     scoring (such a head gives numbers, wrong ones, without a word)."""
     from protonets.encoders.checkpoint import read_checkpoint_dir
     from protonets.encoders.errors import UserInputError
-    from protonets.eval.protocol import checkpoint_folder
 
     def describe(fp: dict[str, Any]) -> str:
         weights = fp.get("weights_sha256")
@@ -258,8 +259,7 @@ def check_head_bodies(
     for method, options in method_options.items():
         if "meta" in options:  # a meta-trained learner brings its own body
             continue
-        given = options.get("head_checkpoint")
-        directory = checkpoint_folder(method, given) or given  # `matching` may take one or none
+        directory = options.get("head_checkpoint")  # resolved by _method_options
         if not directory:
             continue
         manifest = read_checkpoint_dir(directory)

@@ -18,11 +18,9 @@ class ShiftedQueries:
     Results are class-major, `[E, N, Q]`: per-query reductions over classes then run along
     contiguous rows of queries."""
 
-    def __init__(self, query: torch.Tensor, shift: torch.Tensor, moved: torch.Tensor | None = None) -> None:
-        """`moved`: q·shift `[E, Q]` where the caller has it (else one more pass over q)."""
+    def __init__(self, query: torch.Tensor, shift: torch.Tensor, moved: torch.Tensor) -> None:
+        """`moved`: q·shift `[E, Q]`, from the caller's pass over q."""
         self.query, self.shift = query, shift
-        if moved is None:
-            moved = (query @ shift.transpose(-1, -2)).squeeze(-1)
         squared = torch.linalg.vector_norm(query, dim=-1).square() + 2 * moved + shift.pow(2).sum(-1)
         self.norm = squared.clamp_min(0).sqrt().unsqueeze(-2)  # ‖q + shift‖, [E, 1, Q]
 
